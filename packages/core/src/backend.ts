@@ -1,0 +1,150 @@
+// The backend contract: the op set every backend implements (DESIGN.md, "Op set v1").
+// The model (model.ts) is written once against this interface; a backend is a table of
+// these functions around native kernels, with no model logic of its own.
+
+/** Stored weight dtypes a backend accepts as they are in the checkpoint. */
+export type WeightDType = "f8_e4m3" | "bf16" | "f16" | "f32";
+
+/** A weight (or a rank's slice of one) as read from the checkpoint: raw bytes, row-major [rows, cols]. */
+export interface HostWeight {
+  name: string;
+  dtype: WeightDType;
+  shape: [number, number];
+  data: Uint8Array;
+  /** FP8 only: the 128x128 block scales (`weight_scale_inv`) that cover this slice, row-major [sr, sc]. */
+  scale?: Float32Array;
+  scaleShape?: [number, number];
+  /** FP8 only: where the slice starts inside its first scale block (row, col), for slices not aligned to 128. */
+  scaleOrigin?: [number, number];
+}
+
+/** Activation precision: fp32 (exact, the golden bound needs it) or bf16 (what accelerators use). */
+export type ActDType = "f32" | "bf16";
+/** Activation quantization in front of FP8 linear layers (DeepSeek's `act_quant`, per token per 128 channels). */
+export type ActQuant = "none" | "fp8" | "fp8-ue8m0";
+
+export interface Precision {
+  activations: ActDType;
+  cache: ActDType;
+  actQuant: ActQuant;
+}
+
+export const EXACT: Precision = { activations: "f32", cache: "f32", actQuant: "none" };
+
+/** Opaque device tensor of activations (logically fp32, row-major). */
+export interface Tensor {
+  readonly shape: readonly number[];
+}
+/** Opaque device weight. */
+export interface Weight {
+  readonly shape: readonly [number, number];
+  readonly dtype: WeightDType;
+}
+/** Opaque set of routed experts held by this rank (w1=gate, w2=down, w3=up per expert). */
+export interface ExpertSet {
+  readonly first: number;
+  readonly count: number;
+}
+/** Opaque paged latent cache: `layers` x `numBlocks*blockSize` slots x `width` values. */
+export interface LatentCache {
+  readonly layers: number;
+  readonly numBlocks: number;
+  readonly blockSize: number;
+  readonly width: number;
+  readonly dtype: ActDType;
+}
+
+/** Where each token of a step sits: which sequence, which position, and the block tables. */
+export interface AttnMeta {
+  /** per token: its position in its sequence */
+  positions: Int32Array;
+  /** per token: index of its sequence in `blockTables` */
+  seqIdx: Int32Array;
+  /** per sequence: `maxBlocks` block ids (row-major), -1 past the end */
+  blockTables: Int32Array;
+  maxBlocks: number;
+}
+
+export interface MlaDims {
+  heads: number; // heads on this rank
+  nope: number;
+  rope: number;
+  v: number;
+  kvLora: number;
+  scale: number;
+}
+
+export interface GateConfig {
+  topk: number;
+  nGroups: number;
+  topkGroups: number;
+  scoreFunc: "sigmoid" | "softmax";
+  normTopk: boolean;
+  routeScale: number;
+}
+
+/** Cross-rank collectives; world size 1 needs none. Synchronous: ranks block until all arrive (worker threads use Atomics; GPUs use NCCL/RCCL/HCCL). */
+export interface Collective {
+  readonly rank: number;
+  readonly worldSize: number;
+  allReduceSum(data: Float32Array): Float32Array;
+  /** gather equal-size row-major [rows, cols_r] blocks into [rows, sum cols_r] */
+  allGatherCols(data: Float32Array, rows: number): Float32Array;
+}
+
+/** One backend context: a device (or the CPU), its weights, its cache, and the op set. */
+export interface BackendContext {
+  readonly name: string;
+  readonly precision: Precision;
+  readonly device: string;
+
+  // memory
+  weight(w: HostWeight): Weight;
+  expertSet(first: number, experts: Array<{ w1: Weight; w2: Weight; w3: Weight }>): ExpertSet;
+  upload(data: Float32Array, shape: readonly number[]): Tensor;
+  download(t: Tensor): Float32Array;
+  createCache(layers: number, numBlocks: number, blockSize: number, width: number, dtype: ActDType): LatentCache;
+  /** copy cache slots (used by the engine's prefix cache and tests) */
+  readCache(cache: LatentCache, layer: number, slot: number, count: number): Float32Array;
+  /** step boundary: temporaries of the previous step may be released */
+  beginStep(): void;
+
+  // ops
+  embed(table: Weight, ids: Int32Array, vocabStart: number): Tensor;
+  rmsNorm(x: Tensor, w: Weight, eps: number): Tensor;
+  linear(x: Tensor, w: Weight): Tensor;
+  add(a: Tensor, b: Tensor): Tensor;
+  siluMul(gate: Tensor, up: Tensor): Tensor;
+  concat(a: Tensor, b: Tensor): Tensor;
+  slice(x: Tensor, c0: number, c1: number): Tensor;
+  rows(x: Tensor, rows: Int32Array): Tensor;
+  rope(x: Tensor, heads: number, headDim: number, ropeOffset: number, ropeDim: number, positions: Int32Array, invFreq: Float32Array, attnFactor: number): Tensor;
+  /** MLA in the absorbed form over the paged latent cache: writes this step's latents, then attends. */
+  mla(q: Tensor, kv: Tensor, pe: Tensor, wkvB: Weight, cache: LatentCache, layer: number, meta: AttnMeta, dims: MlaDims): Tensor;
+  /** routing: returns [T, 2*topk] = topk weights then topk expert ids (as floats) */
+  moeGate(x: Tensor, gate: Weight, bias: Float32Array | null, cfg: GateConfig): Tensor;
+  /** sum over the routed experts this rank holds, weighted by the gate */
+  moeExperts(x: Tensor, experts: ExpertSet, routing: Tensor, topk: number): Tensor;
+  allReduce(x: Tensor): Tensor;
+  allGatherCols(x: Tensor): Tensor;
+  dispose(): void;
+}
+
+export interface BackendOptions {
+  precision?: Partial<Precision>;
+  collective?: Collective;
+  threads?: number;
+  device?: number;
+}
+
+/** What a backend package exports. */
+export interface BackendProvider {
+  readonly name: string;
+  /** probe without side effects: is the driver/device there? */
+  available(): { ok: true; devices: string[] } | { ok: false; reason: string };
+  create(opts?: BackendOptions): BackendContext;
+}
+
+export class BackendError extends Error {
+  override name = "BackendError";
+}

@@ -1,0 +1,5 @@
+// @ds3/core — public API
+export * from "./config.js";
+export * from "./safetensors.js";
+export * from "./backend.js";
+export * from "./model.js";
