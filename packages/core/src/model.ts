@@ -15,7 +15,7 @@ export interface RankInfo {
 const DT: Partial<Record<DType, WeightDType>> = { F8_E4M3: "f8_e4m3", BF16: "bf16", F16: "f16", F32: "f32" };
 
 /** Which dimension of which weight splits across ranks, as DeepSeek's convert.py maps it. */
-type Split = "none" | "rows" | "cols";
+export type Split = "none" | "rows" | "cols";
 
 /** Check that `n` divides across `ws` ranks; the error names what does not divide. */
 export function checkParallel(cfg: ModelConfig, ws: number): void {
@@ -30,12 +30,24 @@ export function checkParallel(cfg: ModelConfig, ws: number): void {
     if (n % ws !== 0) throw new Error(`tensor/expert parallel size ${ws} does not divide ${what} (${n})`);
 }
 
+/** Where a rank's weights come from: a checkpoint (WeightLoader) or a synthetic source (benchmarks). */
+export interface WeightSource {
+  has(name: string): boolean;
+  /** `name` ([rows, cols] in full, checked against `shape`), this rank's part as `split` says */
+  host(name: string, shape: [number, number] | [number], split?: Split): HostWeight;
+  vector(name: string, n: number): Float32Array;
+}
+
 /** Reads a rank's weights from the checkpoint, checking shapes against the config. */
-export class WeightLoader {
+export class WeightLoader implements WeightSource {
   constructor(
     readonly ck: Checkpoint,
     readonly r: RankInfo,
   ) {}
+
+  has(name: string): boolean {
+    return this.ck.has(name);
+  }
 
   /** Read `name` ([rows, cols] in the checkpoint, checked against `shape`), split as `split` says. */
   host(name: string, shape: [number, number] | [number], split: Split = "none"): HostWeight {
@@ -251,14 +263,14 @@ class MTP {
   ) {
     const { cfg: c, loader: L, ctx: x } = m;
     const p = `model.layers.${layer}`;
-    const embName = m.loader.ck.has(`${p}.embed_tokens.weight`) ? `${p}.embed_tokens.weight` : "model.embed_tokens.weight";
+    const embName = m.loader.has(`${p}.embed_tokens.weight`) ? `${p}.embed_tokens.weight` : "model.embed_tokens.weight";
     this.embed = x.weight(L.host(embName, [c.vocabSize, c.dim], "rows"));
     this.enorm = x.weight(L.host(`${p}.enorm.weight`, [c.dim]));
     this.hnorm = x.weight(L.host(`${p}.hnorm.weight`, [c.dim]));
     this.ehProj = x.weight(L.host(`${p}.eh_proj.weight`, [c.dim, 2 * c.dim]));
     this.block = new Block(m, layer);
     this.norm = x.weight(L.host(`${p}.shared_head.norm.weight`, [c.dim]));
-    const headName = m.loader.ck.has(`${p}.shared_head.head.weight`) ? `${p}.shared_head.head.weight` : "lm_head.weight";
+    const headName = m.loader.has(`${p}.shared_head.head.weight`) ? `${p}.shared_head.head.weight` : "lm_head.weight";
     this.head = x.weight(L.host(headName, [c.vocabSize, c.dim], "rows"));
   }
 }
@@ -277,7 +289,7 @@ export interface TransformerOptions {
 }
 
 export class Transformer {
-  readonly loader: WeightLoader;
+  readonly loader: WeightSource;
   readonly rank: RankInfo;
   readonly invFreq: Float32Array;
   readonly attnFactor: number;
@@ -293,13 +305,13 @@ export class Transformer {
 
   constructor(
     readonly ctx: BackendContext,
-    ck: Checkpoint,
+    source: Checkpoint | WeightSource,
     readonly cfg: ModelConfig,
     opts: TransformerOptions = {},
   ) {
     this.rank = opts.rank ?? { rank: 0, worldSize: 1 };
     checkParallel(cfg, this.rank.worldSize);
-    this.loader = new WeightLoader(ck, this.rank);
+    this.loader = source instanceof Checkpoint ? new WeightLoader(source, this.rank) : source;
     const rf = ropeFrequencies(cfg);
     this.invFreq = rf.invFreq;
     this.attnFactor = rf.attnFactor;
@@ -307,7 +319,7 @@ export class Transformer {
     this.embed = ctx.weight(L.host("model.embed_tokens.weight", [cfg.vocabSize, cfg.dim], "rows"));
     for (let i = 0; i < cfg.nLayers; i++) this.layers.push(new Block(this, i));
     this.norm = ctx.weight(L.host("model.norm.weight", [cfg.dim]));
-    this.head = ctx.weight(L.host(cfg.tieWordEmbeddings && !ck.has("lm_head.weight") ? "model.embed_tokens.weight" : "lm_head.weight", [cfg.vocabSize, cfg.dim], "rows"));
+    this.head = ctx.weight(L.host(cfg.tieWordEmbeddings && !L.has("lm_head.weight") ? "model.embed_tokens.weight" : "lm_head.weight", [cfg.vocabSize, cfg.dim], "rows"));
     const wantMtp = opts.mtp ?? cfg.nMtpLayers > 0;
     if (wantMtp && cfg.nMtpLayers > 0) this.mtp = new MTP(this, cfg.nLayers);
     this.cacheWidth = cfg.kvLoraRank + cfg.qkRopeHeadDim;
