@@ -4,10 +4,11 @@
 export class ConfigError extends Error {
   constructor(
     readonly field: string,
-    message: string,
+    /** what is wrong with the field, without the file and field prefix */
+    readonly detail: string,
     readonly file?: string,
   ) {
-    super(`${file ? `${file}: ` : ""}config field "${field}": ${message}`);
+    super(`${file ? `${file}: ` : ""}config field "${field}": ${detail}`);
     this.name = "ConfigError";
   }
 }
@@ -168,7 +169,7 @@ function parseRopeScaling(v: unknown, file?: string): RopeScaling {
     try {
       return num(r, k, file, { def, min });
     } catch (e) {
-      if (e instanceof ConfigError) throw new ConfigError(`rope_scaling.${k}`, e.message.replace(/^.*?: /, ""), file);
+      if (e instanceof ConfigError) throw new ConfigError(`rope_scaling.${k}`, e.detail, file);
       throw e;
     }
   };
@@ -200,8 +201,12 @@ function parseQuant(v: unknown, file?: string): Quantization | null {
 }
 
 function parseDeepSeekForm(o: Json, file?: string): ModelConfig {
-  // DeepSeek inference/configs/config_671B.json (see shared/seeds).
-  const dtype = o.dtype;
+  // DeepSeek inference/configs/config_671B.json (see shared/seeds); V3.1's config_v3.1.json adds a
+  // top-level `scale_fmt: "ue8m0"` (the HF form has it in quantization_config.scale_fmt).
+  const dtype = str(o, "dtype", ["fp8", "bf16"] as const, file, "bf16");
+  const scaleFmt = o.scale_fmt;
+  if (scaleFmt !== undefined && scaleFmt !== null && scaleFmt !== "ue8m0")
+    throw new ConfigError("scale_fmt", `must be "ue8m0" or absent, got ${JSON.stringify(scaleFmt)}`, file);
   const cfg: ModelConfig = {
     vocabSize: num(o, "vocab_size", file, { int: true, min: 1 }),
     dim: num(o, "dim", file, { int: true, min: 1 }),
@@ -242,7 +247,7 @@ function parseDeepSeekForm(o: Json, file?: string): ModelConfig {
     tieWordEmbeddings: false,
     quantization:
       dtype === "fp8"
-        ? { method: "fp8", fmt: "e4m3", blockSize: [128, 128], scaleFmt: o.scale_fmt === "ue8m0" ? "ue8m0" : "float", activationScheme: "dynamic" }
+        ? { method: "fp8", fmt: "e4m3", blockSize: [128, 128], scaleFmt: scaleFmt === "ue8m0" ? "ue8m0" : "float", activationScheme: "dynamic" }
         : null,
   };
   return checkConsistent(cfg, file);

@@ -3,3 +3,7 @@ export * from "./config.js";
 export * from "./safetensors.js";
 export * from "./backend.js";
 export * from "./model.js";
+export * from "./tokenizer.js";
+export * from "./engine.js";
+export * from "./executor.js";
+export * from "./sampling.js";

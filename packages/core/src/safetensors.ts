@@ -2,7 +2,7 @@
 // Nothing is read until a tensor (or a slice of one) is asked for; every read is a
 // positioned read of just those bytes, in chunks well under Node's 2 GiB limit.
 import { closeSync, existsSync, fstatSync, openSync, readdirSync, readFileSync, readSync, statSync } from "node:fs";
-import { basename, join } from "node:path";
+import { join } from "node:path";
 
 export type DType = "F8_E4M3" | "BF16" | "F16" | "F32" | "I32" | "I64";
 export const DTYPE_SIZE: Record<DType, number> = { F8_E4M3: 1, BF16: 2, F16: 2, F32: 4, I32: 4, I64: 8 };
@@ -37,7 +37,6 @@ export class SafetensorsFile {
   private fd: number;
 
   constructor(readonly path: string) {
-    const name = basename(path);
     if (!existsSync(path)) throw new CheckpointError("file not found", path);
     this.fd = openSync(path, "r");
     try {
@@ -66,8 +65,8 @@ export class SafetensorsFile {
           continue;
         }
         const t = v as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
-        if (!t || typeof t !== "object") throw new CheckpointError("header entry is not an object", name, tname);
-        if (typeof t.dtype !== "string" || !(t.dtype in DTYPE_SIZE))
+        if (!t || typeof t !== "object") throw new CheckpointError("header entry is not an object", path, tname);
+        if (typeof t.dtype !== "string" || !Object.hasOwn(DTYPE_SIZE, t.dtype))
           throw new CheckpointError(`unknown dtype ${JSON.stringify(t.dtype)} (supported: ${Object.keys(DTYPE_SIZE).join(", ")})`, path, tname);
         const dtype = t.dtype as DType;
         if (!Array.isArray(t.shape) || !t.shape.every((d) => Number.isInteger(d) && d >= 0))
@@ -81,16 +80,20 @@ export class SafetensorsFile {
         const want = shape.reduce((a, d) => a * d, 1) * DTYPE_SIZE[dtype];
         if (e - b !== want)
           throw new CheckpointError(`data_offsets span ${e - b} bytes but ${dtype} x [${shape.join(", ")}] needs ${want}`, path, tname);
+        if (e > dataLen && b >= dataLen && e > b)
+          throw new CheckpointError(`data_offsets [${b}, ${e}] are out of bounds: the data section holds only ${dataLen} bytes`, path, tname);
         if (e > dataLen)
-          throw new CheckpointError(`data_offsets [${b}, ${e}] run past the end of the data (${dataLen} bytes): the file is truncated or the header lies`, path, tname);
+          throw new CheckpointError(`truncated: data_offsets [${b}, ${e}] run past the end of the data (${dataLen} bytes): the file is truncated or the header lies`, path, tname);
         spans.push([b, e, tname]);
         this.tensors.set(tname, { name: tname, dtype, shape, offset: dataStart + b, nbytes: e - b, file: path });
       }
+      // empty tensors occupy no bytes; among the rest, compare each with the one reaching furthest so far
       spans.sort((x, y) => x[0] - y[0] || x[1] - y[1]);
-      for (let i = 1; i < spans.length; i++) {
-        const prev = spans[i - 1]!;
-        const cur = spans[i]!;
-        if (cur[0] < prev[1] && cur[1] > cur[0]) throw new CheckpointError(`data overlaps tensor "${prev[2]}"`, path, cur[2]);
+      let far: [number, number, string] | undefined;
+      for (const cur of spans) {
+        if (cur[1] === cur[0]) continue;
+        if (far && cur[0] < far[1]) throw new CheckpointError(`data overlaps tensor "${far[2]}"`, path, cur[2]);
+        if (!far || cur[1] > far[1]) far = cur;
       }
     } catch (e) {
       closeSync(this.fd);
@@ -138,38 +141,47 @@ export class Checkpoint {
   static open(dir: string): Checkpoint {
     if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new CheckpointError(`model directory not found: ${dir}`);
     const ck = new Checkpoint(dir);
-    const indexPath = join(dir, "model.safetensors.index.json");
-    if (existsSync(indexPath)) {
-      let index: { weight_map?: Record<string, string> };
-      try {
-        index = JSON.parse(readFileSync(indexPath, "utf8")) as typeof index;
-      } catch (e) {
-        throw new CheckpointError(`not valid JSON (${(e as Error).message})`, indexPath);
-      }
-      if (!index.weight_map || typeof index.weight_map !== "object") throw new CheckpointError(`has no "weight_map"`, indexPath);
-      const shards = new Set(Object.values(index.weight_map));
-      for (const s of shards) {
-        if (typeof s !== "string" || s.includes("/") || s.includes("\\")) throw new CheckpointError(`bad shard name ${JSON.stringify(s)}`, indexPath);
-        const p = join(dir, s);
-        if (!existsSync(p)) throw new CheckpointError(`missing shard "${s}" named by model.safetensors.index.json`, p);
-        ck.files.set(s, new SafetensorsFile(p));
-      }
-      for (const [t, s] of Object.entries(index.weight_map)) {
-        const f = ck.files.get(s)!;
-        if (!f.tensors.has(t)) throw new CheckpointError(`the index places tensor "${t}" in this shard, but the shard does not hold it`, f.path, t);
-        ck.where.set(t, s);
-      }
-    } else {
-      const st = readdirSync(dir).filter((f: string) => f.endsWith(".safetensors")).sort();
-      if (st.length === 0) throw new CheckpointError(`no model.safetensors.index.json and no *.safetensors files in ${dir}`);
-      for (const s of st) {
-        const f = new SafetensorsFile(join(dir, s));
-        ck.files.set(s, f);
-        for (const t of f.tensors.keys()) {
-          if (ck.where.has(t)) throw new CheckpointError(`tensor appears in two files ("${ck.where.get(t)}" and "${s}")`, join(dir, s), t);
+    // a failure part way closes the shards already opened: the process stays up and leaks nothing
+    try {
+      const indexPath = join(dir, "model.safetensors.index.json");
+      if (existsSync(indexPath)) {
+        let index: { weight_map?: Record<string, string> };
+        try {
+          index = JSON.parse(readFileSync(indexPath, "utf8")) as typeof index;
+        } catch (e) {
+          throw new CheckpointError(`not valid JSON (${(e as Error).message})`, indexPath);
+        }
+        if (!index || typeof index !== "object" || !index.weight_map || typeof index.weight_map !== "object") throw new CheckpointError(`has no "weight_map"`, indexPath);
+        const shards = new Set(Object.values(index.weight_map));
+        for (const s of shards) {
+          if (typeof s !== "string" || s.includes("/") || s.includes("\\")) throw new CheckpointError(`bad shard name ${JSON.stringify(s)}`, indexPath);
+          const p = join(dir, s);
+          if (!existsSync(p)) {
+            const held = Object.keys(index.weight_map).filter((t) => index.weight_map![t] === s);
+            throw new CheckpointError(`missing shard "${s}" named by model.safetensors.index.json (it should hold ${held.length} tensor(s), e.g. "${held[0]}")`, p);
+          }
+          ck.files.set(s, new SafetensorsFile(p));
+        }
+        for (const [t, s] of Object.entries(index.weight_map)) {
+          const f = ck.files.get(s)!;
+          if (!f.tensors.has(t)) throw new CheckpointError(`the index places tensor "${t}" in this shard, but the shard does not hold it`, f.path, t);
           ck.where.set(t, s);
         }
+      } else {
+        const st = readdirSync(dir).filter((f: string) => f.endsWith(".safetensors")).sort();
+        if (st.length === 0) throw new CheckpointError(`no model.safetensors.index.json and no *.safetensors files in ${dir}`);
+        for (const s of st) {
+          const f = new SafetensorsFile(join(dir, s));
+          ck.files.set(s, f);
+          for (const t of f.tensors.keys()) {
+            if (ck.where.has(t)) throw new CheckpointError(`tensor appears in two files ("${ck.where.get(t)}" and "${s}")`, join(dir, s), t);
+            ck.where.set(t, s);
+          }
+        }
       }
+    } catch (e) {
+      ck.close();
+      throw e;
     }
     return ck;
   }
@@ -258,7 +270,7 @@ export function encodeSafetensors(tensors: Array<{ name: string; dtype: DType; s
     off += t.data.length;
   }
   let json = JSON.stringify(header);
-  const pad = (8 - ((json.length + 8) % 8)) % 8;
+  const pad = (8 - ((Buffer.byteLength(json, "utf8") + 8) % 8)) % 8;
   json += " ".repeat(pad);
   const hb = Buffer.from(json, "utf8");
   const len = Buffer.alloc(8);

@@ -1,0 +1,134 @@
+// The executor runs the model for the engine: one step description in, logits out.
+// LocalExecutor runs one rank in this thread; RankExecutor (ranks.ts) runs N ranks in
+// worker threads with the same interface. The engine never knows which it has.
+import type { BackendContext, BackendOptions, BackendProvider, Tensor } from "./backend.js";
+import { type ModelConfig, parseConfig } from "./config.js";
+import { Transformer } from "./model.js";
+import { Checkpoint } from "./safetensors.js";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+
+/** One step: the flat tokens of every scheduled sequence, where they sit, and what to return. */
+export interface StepInput {
+  ids: Int32Array;
+  positions: Int32Array;
+  seqIdx: Int32Array;
+  /** per sequence: maxBlocks block ids (row-major), -1 past the end */
+  blockTables: Int32Array;
+  maxBlocks: number;
+  /** rows (indices into ids) whose logits are returned, in order */
+  logitRows: Int32Array;
+}
+
+/**
+ * MTP draft step, run right after a target step: for the given rows of that step's tokens,
+ * combine their final hidden states with `nextIds` (the token that follows each), write the
+ * MTP layer's cache at the same positions, and return logits predicting the token after.
+ */
+export interface MtpInput {
+  rows: Int32Array;
+  nextIds: Int32Array;
+  positions: Int32Array;
+  seqIdx: Int32Array;
+  blockTables: Int32Array;
+  maxBlocks: number;
+  logitRows: Int32Array;
+}
+
+export interface CacheSpec {
+  numBlocks: number;
+  blockSize: number;
+  dtype: "f32" | "bf16";
+}
+
+export interface Executor {
+  readonly config: ModelConfig;
+  readonly vocabSize: number;
+  readonly hasMtp: boolean;
+  readonly cache: CacheSpec;
+  readonly worldSize: number;
+  readonly backendName: string;
+  step(input: StepInput): Promise<Float32Array>;
+  mtp(input: MtpInput): Promise<Float32Array>;
+  /** latent cache rows of rank 0 (tests: cache contents) */
+  readCache(layer: number, slot: number, count: number): Promise<Float32Array>;
+  close(): Promise<void>;
+}
+
+export interface ModelLoadOptions {
+  backend: BackendProvider;
+  backendOptions?: BackendOptions;
+  cache: CacheSpec;
+  mtp?: boolean;
+}
+
+export function loadConfig(dir: string): ModelConfig {
+  const p = join(dir, "config.json");
+  let raw: unknown;
+  try {
+    raw = JSON.parse(readFileSync(p, "utf8"));
+  } catch (e) {
+    throw new Error(`${p}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "not found" : (e as Error).message}`);
+  }
+  return parseConfig(raw, p);
+}
+
+/** Bytes of the latent cache per block (all layers, this rank). */
+export function cacheBytesPerBlock(cfg: ModelConfig, blockSize: number, dtype: "f32" | "bf16", mtp: boolean): number {
+  return (cfg.nLayers + (mtp ? 1 : 0)) * blockSize * (cfg.kvLoraRank + cfg.qkRopeHeadDim) * (dtype === "f32" ? 4 : 2);
+}
+
+/** One rank in the calling thread. */
+export class LocalExecutor implements Executor {
+  readonly model: Transformer;
+  readonly ctx: BackendContext;
+  readonly worldSize = 1;
+  private last: Tensor | null = null;
+
+  constructor(
+    dir: string,
+    readonly opts: ModelLoadOptions,
+  ) {
+    const cfg = loadConfig(dir);
+    this.ctx = opts.backend.create(opts.backendOptions);
+    const ck = Checkpoint.open(dir);
+    try {
+      this.model = new Transformer(this.ctx, ck, cfg, { mtp: opts.mtp });
+    } finally {
+      ck.close();
+    }
+    this.model.allocCache(opts.cache.numBlocks, opts.cache.blockSize, opts.cache.dtype);
+  }
+  get config() {
+    return this.model.cfg;
+  }
+  get vocabSize() {
+    return this.model.cfg.vocabSize;
+  }
+  get hasMtp() {
+    return this.model.mtp !== null;
+  }
+  get cache() {
+    return this.opts.cache;
+  }
+  get backendName() {
+    return this.ctx.name;
+  }
+  async step(s: StepInput): Promise<Float32Array> {
+    this.ctx.beginStep();
+    const r = this.model.forward(s.ids, s, s.logitRows);
+    this.last = r.hidden;
+    return r.logits;
+  }
+  async mtp(s: MtpInput): Promise<Float32Array> {
+    if (!this.last) throw new Error("mtp() needs a target step first");
+    const h = this.ctx.rows(this.last, s.rows);
+    return this.model.forwardMtp(h, s.nextIds, s, s.logitRows).logits;
+  }
+  async readCache(layer: number, slot: number, count: number): Promise<Float32Array> {
+    return this.ctx.readCache(this.model.cache!, layer, slot, count);
+  }
+  async close(): Promise<void> {
+    this.ctx.dispose();
+  }
+}
