@@ -231,6 +231,7 @@ export class CpuContext implements BackendContext {
 
 export const cpu: BackendProvider = {
   name: "cpu",
+  entry: import.meta.url,
   available() {
     try {
       const n = load();

@@ -140,6 +140,8 @@ export interface BackendOptions {
 /** What a backend package exports. */
 export interface BackendProvider {
   readonly name: string;
+  /** URL of the module that exports this provider as `default` (worker ranks import it by this) */
+  readonly entry?: string;
   /** probe without side effects: is the driver/device there? */
   available(): { ok: true; devices: string[] } | { ok: false; reason: string };
   create(opts?: BackendOptions): BackendContext;

@@ -1,0 +1,190 @@
+// The text-level API that the CLI and the server share: load a model (a checkpoint directory
+// or the built-in tiny model), then stream completions and chats as text + tokens.
+import { existsSync, readFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import type { BackendOptions, BackendProvider, Precision } from "./backend.js";
+import { Engine, type EngineOptions, type FinishReason, type RequestMetrics, type Drafter } from "./engine.js";
+import { type CacheSpec, type Executor, LocalExecutor, cacheBytesPerBlock, loadConfig } from "./executor.js";
+import { RankExecutor } from "./ranks.js";
+import { type SampleResult, type SamplingParams, StopMatcher } from "./sampling.js";
+import { type ChatMessage, Tokenizer } from "./tokenizer.js";
+import { ensureBuiltinModel } from "./builtin.js";
+
+export interface LoadOptions {
+  /** checkpoint directory; default: the built-in tiny model (generated on first use) */
+  model?: string;
+  backend: BackendProvider;
+  backendOptions?: BackendOptions;
+  /** tensor/expert parallel ranks (worker threads); 1 runs in this thread */
+  tp?: number;
+  /** cache: block count or byte budget; block size 64; dtype fp32 unless given */
+  cacheBlocks?: number;
+  cacheBytes?: number;
+  cacheDtype?: "f32" | "bf16";
+  maxModelLen?: number;
+  maxBatchTokens?: number;
+  prefillChunk?: number;
+  maxWaiting?: number;
+  prefixCaching?: boolean;
+  speculative?: { drafter: "mtp" | Drafter; k?: number };
+  precision?: Partial<Precision>;
+  onProgress?: (message: string) => void;
+}
+
+export interface CompletionRequest {
+  /** text (tokenized as is, no template) or token ids */
+  prompt: string | number[];
+  sampling?: SamplingParams;
+  signal?: AbortSignal;
+}
+
+export interface CompletionChunk {
+  text: string;
+  ids: number[];
+  samples: SampleResult[];
+  finishReason?: FinishReason;
+  metrics?: RequestMetrics;
+}
+
+const DEFAULT_BLOCK = 64;
+
+export class DS3 {
+  private constructor(
+    readonly engine: Engine,
+    readonly tokenizer: Tokenizer | null,
+    readonly modelDir: string,
+    readonly modelName: string,
+    readonly builtin: boolean,
+    /** sampling defaults from generation_config.json */
+    readonly generationDefaults: SamplingParams,
+  ) {}
+
+  get executor(): Executor {
+    return this.engine.executor;
+  }
+
+  static async load(o: LoadOptions): Promise<DS3> {
+    const builtin = o.model === undefined;
+    const dir = builtin ? await ensureBuiltinModel({ onProgress: o.onProgress }) : resolve(o.model!);
+    if (!existsSync(join(dir, "config.json"))) throw new Error(`${dir}: not a model directory (no config.json)`);
+    const cfg = loadConfig(dir);
+    const tp = o.tp ?? 1;
+    if (!Number.isInteger(tp) || tp < 1) throw new Error(`--tp must be a positive integer, got ${o.tp}`);
+    const mtp = o.speculative?.drafter === "mtp";
+    const dtype = o.cacheDtype ?? "f32";
+    const perBlock = cacheBytesPerBlock(cfg, DEFAULT_BLOCK, dtype, cfg.nMtpLayers > 0 && mtp);
+    const maxLen = o.maxModelLen ?? Math.min(cfg.maxPositionEmbeddings, 4096);
+    const numBlocks = o.cacheBlocks ?? (o.cacheBytes ? Math.floor(o.cacheBytes / perBlock) : Math.max(16, Math.ceil(maxLen / DEFAULT_BLOCK) * 4));
+    if (numBlocks < 1) throw new Error(`the cache budget holds no block (one block needs ${perBlock} bytes)`);
+    const cache: CacheSpec = { numBlocks, blockSize: DEFAULT_BLOCK, dtype };
+    o.onProgress?.(`loading ${builtin ? "the built-in tiny model" : dir} on ${o.backend.name}${tp > 1 ? ` x${tp} ranks` : ""}`);
+    const backendOptions = { ...o.backendOptions, precision: { ...o.backendOptions?.precision, ...o.precision, cache: dtype } };
+    const executor: Executor =
+      tp === 1
+        ? new LocalExecutor(dir, { backend: o.backend, backendOptions, cache, mtp })
+        : await RankExecutor.create(dir, { backendPackage: backendEntry(o.backend), backendOptions, cache, mtp, worldSize: tp });
+    let tokenizer: Tokenizer | null = null;
+    // a checkpoint without tokenizer files gets the DeepSeek-V3 tokenizer only if the vocabularies fit
+    if (existsSync(join(dir, "tokenizer.json")) || cfg.vocabSize >= 128815) tokenizer = await Tokenizer.load(dir);
+    const eos = [...cfg.eosTokenId];
+    if (tokenizer && !eos.includes(tokenizer.eosId)) eos.push(tokenizer.eosId);
+    const eo: EngineOptions = {
+      executor,
+      maxModelLen: Math.min(maxLen, numBlocks * DEFAULT_BLOCK),
+      maxBatchTokens: o.maxBatchTokens,
+      prefillChunk: o.prefillChunk,
+      maxWaiting: o.maxWaiting,
+      prefixCaching: o.prefixCaching,
+      speculative: o.speculative,
+      eosIds: eos,
+      allowedIds: tokenizer ? (id) => !tokenizer!.isTextless(id) : undefined,
+    };
+    let engine: Engine;
+    try {
+      engine = new Engine(eo);
+    } catch (e) {
+      await executor.close();
+      throw e;
+    }
+    const name = builtin ? "ds3-builtin-tiny" : dir.split(/[\\/]/).filter(Boolean).pop()!;
+    return new DS3(engine, tokenizer, dir, name, builtin, readGenerationConfig(dir));
+  }
+
+  /** Sampling: explicit fields win, then generation_config.json, then greedy. */
+  resolveSampling(p: SamplingParams = {}): SamplingParams {
+    const d = this.generationDefaults;
+    return { temperature: d.temperature ?? 0, ...(d.topP !== undefined && { topP: d.topP }), ...(d.topK !== undefined && { topK: d.topK }), ...stripUndefined(p) };
+  }
+
+  encode(text: string): number[] {
+    if (!this.tokenizer) throw new Error(`model ${this.modelName} has no tokenizer: give token ids`);
+    return this.tokenizer.encode(text, { addSpecial: true });
+  }
+
+  renderChat(messages: ChatMessage[], opts: { tools?: unknown[]; addGenerationPrompt?: boolean } = {}): { text: string; ids: number[] } {
+    if (!this.tokenizer) throw new Error(`model ${this.modelName} has no tokenizer: chat needs one`);
+    const text = this.tokenizer.applyChatTemplate(messages, { addGenerationPrompt: opts.addGenerationPrompt ?? true, tools: opts.tools as never });
+    // the template already starts with BOS
+    return { text, ids: this.tokenizer.encode(text, { addSpecial: false }) };
+  }
+
+  /** Stream a completion: text deltas never split a UTF-8 character nor pass a stop string. */
+  async *complete(req: CompletionRequest): AsyncGenerator<CompletionChunk> {
+    const ids = typeof req.prompt === "string" ? this.encode(req.prompt) : req.prompt;
+    const sampling = this.resolveSampling(req.sampling);
+    const dec = this.tokenizer?.streamDecoder({ skipSpecial: true }) ?? null;
+    const stop = new StopMatcher(sampling.stop ?? []);
+    for await (const ev of this.engine.generate({ promptIds: ids, sampling, signal: req.signal })) {
+      let text = "";
+      let stopped = false;
+      if (dec) {
+        for (const id of ev.ids) text += dec.push(id);
+        if (ev.finishReason) text += dec.flush();
+        const r = stop.push(text);
+        text = r.emit;
+        stopped = r.stopped;
+        if (ev.finishReason && !stopped) text += stop.flush();
+      }
+      if (stopped) {
+        yield { text, ids: ev.ids, samples: ev.samples, finishReason: "stop", metrics: ev.metrics };
+        return; // leaving the loop aborts the sequence in the engine
+      }
+      yield { text, ids: ev.ids, samples: ev.samples, ...(ev.finishReason && { finishReason: ev.finishReason }), ...(ev.metrics && { metrics: ev.metrics }) };
+    }
+  }
+
+  /** Stream a chat reply (the chat template renders the conversation). */
+  chat(messages: ChatMessage[], opts: { sampling?: SamplingParams; signal?: AbortSignal; tools?: unknown[] } = {}): AsyncGenerator<CompletionChunk> {
+    const { ids } = this.renderChat(messages, { tools: opts.tools });
+    return this.complete({ prompt: ids, sampling: opts.sampling, signal: opts.signal });
+  }
+
+  async close(): Promise<void> {
+    await this.engine.close();
+  }
+}
+
+function stripUndefined<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
+}
+
+function readGenerationConfig(dir: string): SamplingParams {
+  const p = join(dir, "generation_config.json");
+  if (!existsSync(p)) return {};
+  try {
+    const g = JSON.parse(readFileSync(p, "utf8")) as Record<string, unknown>;
+    if (g.do_sample === false) return { temperature: 0 };
+    const out: SamplingParams = {};
+    if (typeof g.temperature === "number") out.temperature = g.temperature;
+    if (typeof g.top_p === "number") out.topP = g.top_p;
+    if (typeof g.top_k === "number" && g.top_k > 0) out.topK = g.top_k;
+    return out;
+  } catch (e) {
+    throw new Error(`${p}: ${(e as Error).message}`);
+  }
+}
+
+function backendEntry(b: BackendProvider): string {
+  if (!b.entry) throw new Error(`backend ${b.name} cannot run in worker ranks (it does not say where its module is)`);
+  return b.entry;
+}
