@@ -1,7 +1,7 @@
 // The engine on the CPU backend and tiny-v3: continuous batching, prefix caching, preemption,
 // abort, capacity errors, and speculative decoding (MTP and injected drafters).
 import { cpu } from "@ds3/backend-cpu";
-import { type Drafter, Engine, type EngineOptions, LocalExecutor, Rng, type SamplingParams } from "@ds3/core";
+import { type Drafter, Engine, type EngineOptions, LocalExecutor, RankExecutor, Rng, type SamplingParams } from "@ds3/core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { loadGolden } from "./helpers/golden.js";
 
@@ -244,5 +244,24 @@ describe("engine: speculative decoding", () => {
     expect(chi).toBeLessThan(16.27); // 3 degrees of freedom, p = 0.001
     // and with the same seeds the drafter changes nothing at all
     expect(spec.outs).toEqual(base.outs);
+  });
+});
+
+describe("engine over parallel ranks", () => {
+  it("a seeded sampled request gives the same output at --tp 2 as at --tp 1, and so does greedy", async () => {
+    const prompts = randomPrompts(4, 5, 5, 70);
+    const sp = { temperature: 0.8, topP: 0.9, seed: 77, maxTokens: 10 };
+    const one = makeExecutor(32, false);
+    const e1 = new Engine({ executor: one, eosIds: [] });
+    const ref = await Promise.all(prompts.map((p, i) => run(e1, p, i % 2 ? { ...sp, seed: i } : { temperature: 0, maxTokens: 10 })));
+    await e1.close();
+    const two = await RankExecutor.create(g.dir, { backendPackage: cpu.entry!, cache: { numBlocks: 32, blockSize: 64, dtype: "f32" }, worldSize: 2, mtp: false });
+    const e2 = new Engine({ executor: two, eosIds: [] });
+    try {
+      const outs = await Promise.all(prompts.map((p, i) => run(e2, p, i % 2 ? { ...sp, seed: i } : { temperature: 0, maxTokens: 10 })));
+      expect(outs.map((o) => o.ids)).toEqual(ref.map((o) => o.ids));
+    } finally {
+      await e2.close();
+    }
   });
 });

@@ -1,0 +1,115 @@
+// One rank of a RankExecutor, in its own worker thread (a Piscina pool of exactly one thread,
+// so the module-level state below lives as long as the executor). The rank imports its backend
+// package by name, creates its own context with the shared-memory collective, loads its own
+// slice of the weights from the checkpoint and allocates its own latent cache.
+//
+// A task never throws: failures come back as { ok: false } so the driver can tell a rank that
+// failed (the cause) from ranks whose collective was aborted because of it (the consequences).
+import { move, transferableSymbol, valueSymbol } from "piscina";
+import type { BackendContext, BackendProvider, Tensor } from "./backend.js";
+import { loadConfig } from "./executor.js";
+import { Transformer } from "./model.js";
+import { CollectiveAbortedError, type FaultInjection, type RankInit, type RankReply, type RankTask, SharedCollective } from "./ranks.js";
+import { Checkpoint } from "./safetensors.js";
+
+interface RankState {
+  rank: number;
+  ctx: BackendContext;
+  model: Transformer;
+  coll: SharedCollective | null;
+  last: Tensor | null;
+  fault?: FaultInjection;
+}
+
+let st: RankState | null = null;
+
+function ok(data: Float32Array | null = null): RankReply {
+  const reply: RankReply = { ok: true, data };
+  if (!data) return reply;
+  // hand the logits' buffer over instead of copying it (Piscina's Transferable protocol: the
+  // driver receives `reply`, with `buffer` in the transfer list)
+  if (data.byteOffset !== 0 || data.byteLength !== data.buffer.byteLength || !(data.buffer instanceof ArrayBuffer)) reply.data = data.slice();
+  const buffer = reply.data!.buffer;
+  return move({ [transferableSymbol]: [buffer], [valueSymbol]: reply } as never) as unknown as RankReply;
+}
+
+function state(): RankState {
+  if (!st) throw new Error("rank is not initialized (or was closed)");
+  return st;
+}
+
+async function init(t: RankInit): Promise<RankReply> {
+  const mod = (await import(t.backendUrl)) as { default?: unknown } & Record<string, unknown>;
+  const isProvider = (x: unknown): x is BackendProvider =>
+    !!x && typeof x === "object" && typeof (x as BackendProvider).create === "function" && typeof (x as BackendProvider).available === "function";
+  const provider = [mod.default, ...Object.values(mod)].find(isProvider);
+  if (!provider) throw new Error(`backend package "${t.backendPackage}" exports no backend provider (an object with create() and available())`);
+  const avail = provider.available();
+  if (!avail.ok) throw new Error(`backend "${provider.name}" is not available: ${avail.reason}`);
+  const coll = t.collective ? new SharedCollective(t.collective, t.rank, t.collectiveTimeoutMs) : null;
+  const cfg = loadConfig(t.dir);
+  const ctx = provider.create({ ...t.backendOptions, collective: coll ?? undefined });
+  let model: Transformer;
+  try {
+    const ck = Checkpoint.open(t.dir);
+    try {
+      model = new Transformer(ctx, ck, cfg, { rank: { rank: t.rank, worldSize: t.worldSize }, mtp: t.mtp });
+    } finally {
+      ck.close();
+    }
+    model.allocCache(t.cache.numBlocks, t.cache.blockSize, t.cache.dtype);
+  } catch (e) {
+    ctx.dispose();
+    throw e;
+  }
+  st = { rank: t.rank, ctx, model, coll, last: null, fault: t.fault?.rank === t.rank ? t.fault : undefined };
+  return { ok: true, data: null, info: { backendName: ctx.name, hasMtp: model.mtp !== null, device: ctx.device } };
+}
+
+/** Test hook: fail the way the tests ask for. */
+function injectFault(f: FaultInjection, step: number): void {
+  if (f.kind === "throw") throw new Error(`injected fault at step ${step}`);
+  if (f.kind === "exit") process.exit(7); // in a worker thread this ends the thread, not the process
+  // hang: block this thread for good (no CPU burnt); only terminating the worker ends it
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0);
+}
+
+export default async function rank(t: RankTask): Promise<RankReply> {
+  try {
+    switch (t.kind) {
+      case "init":
+        return await init(t);
+      case "step": {
+        const s = state();
+        if (s.fault && s.fault.atStep === t.step) injectFault(s.fault, t.step);
+        s.ctx.beginStep();
+        s.last = null;
+        const r = s.model.forward(t.input.ids, t.input, t.input.logitRows);
+        s.last = r.hidden;
+        return ok(s.rank === 0 ? r.logits : null);
+      }
+      case "mtp": {
+        const s = state();
+        if (!s.last) throw new Error("mtp() needs a target step first");
+        const h = s.ctx.rows(s.last, t.input.rows);
+        const r = s.model.forwardMtp(h, t.input.nextIds, t.input, t.input.logitRows);
+        return ok(s.rank === 0 ? r.logits : null);
+      }
+      case "readCache": {
+        const s = state();
+        return ok(s.ctx.readCache(s.model.cache!, t.layer, t.slot, t.count));
+      }
+      case "close": {
+        const s = st;
+        st = null;
+        s?.ctx.dispose();
+        return ok();
+      }
+    }
+  } catch (e) {
+    const aborted = e instanceof CollectiveAbortedError;
+    if (!aborted) st?.coll?.abort(); // wake the ranks waiting for this one
+    const message = e instanceof Error ? e.message : String(e);
+    return { ok: false, aborted, message };
+  }
+}

@@ -1,0 +1,554 @@
+// Parallel ranks (DESIGN.md, "Parallel ranks"): N ranks of one model, each in its own worker
+// thread with its own backend context, its own slice of the weights (read straight from the
+// checkpoint) and its own latent cache. The engine drives them through the same `Executor`
+// interface as LocalExecutor: every step description goes to every rank, rank 0 answers with
+// the logits. On the CPU the ranks meet in SharedCollective, a shared-memory all-reduce /
+// all-gather built on Atomics.
+//
+// Why Piscina with one thread per pool: a rank is long-lived state (weights, cache, the last
+// hidden states for MTP) bound to one thread, not a stateless task. Piscina's load balancing
+// would scatter a rank's work over threads, so each rank gets a pool of exactly one thread
+// (minThreads = maxThreads = 1, idleTimeout = Infinity): the thread — and the module-level
+// state of rank-worker.ts in it — lives as long as the executor, and the rank-to-thread
+// (later rank-to-device) binding stays explicit. Piscina gives us the task/reply plumbing,
+// ordering per rank, worker-exit detection and termination.
+import { existsSync, readFileSync, realpathSync } from "node:fs";
+import { availableParallelism } from "node:os";
+import { dirname, isAbsolute, join } from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import { Piscina } from "piscina";
+import type { BackendOptions, Collective } from "./backend.js";
+import type { ModelConfig } from "./config.js";
+import { type CacheSpec, type Executor, loadConfig, type MtpInput, type StepInput } from "./executor.js";
+import { checkParallel } from "./model.js";
+
+// ---------------------------------------------------------------------------------------
+// The CPU collective: shared memory between worker threads
+
+// control words (Int32) of the shared buffer
+const ABORT = 0; // 0 = healthy; 1 + rank that aborted; worldSize + 1 = the driver (main thread)
+const COUNT = 1; // arrivals at the current barrier
+const GEN = 2; // barrier generation: bumped by the last arrival, waited on by the others
+const HDR = 4; // then per rank: WAITING, ARRIVALS, and 2 x (op, length) for the two parities
+const WAITING = 0; // 1 while this rank waits in a barrier
+const ARRIVALS = 1; // barriers this rank has entered
+const OP_LEN = 2; // [parity*2] = op code, [parity*2 + 1] = message length
+const PER_RANK = 6;
+
+const OPS = ["", "allReduceSum", "allGatherCols"] as const;
+
+/** The shared memory of one SharedCollective group; structured-clone it to every rank. */
+export interface CollectiveBuffers {
+  worldSize: number;
+  /** floats per rank per chunk: larger messages go through in chunks */
+  chunk: number;
+  ctl: SharedArrayBuffer;
+  /** 2 parities x worldSize slots x chunk floats */
+  data: SharedArrayBuffer;
+}
+
+/** Thrown in a rank whose collective was aborted because another rank (or the driver) failed. */
+export class CollectiveAbortedError extends Error {
+  override name = "CollectiveAbortedError";
+}
+
+/**
+ * `Collective` over shared memory for ranks in worker threads of one process.
+ *
+ * Every collective goes in chunks of `chunk` floats per rank. Each chunk: every rank writes its
+ * part into its slot, meets the others at a barrier, and reads all slots. Slots alternate
+ * between two parities, so the barrier of chunk k+1 also proves that everyone finished reading
+ * chunk k, and one barrier per chunk suffices. The all-reduce sums rank 0, 1, ..., N-1 in that
+ * order on every rank, so every rank gets bit-identical results.
+ *
+ * Barriers use Atomics.wait with a timeout and check an abort word in the shared buffer: when a
+ * rank fails (or the driver gives up on one), the others wake up and throw
+ * CollectiveAbortedError instead of blocking forever.
+ */
+export class SharedCollective implements Collective {
+  readonly worldSize: number;
+  private readonly ctl: Int32Array;
+  private readonly slots: Float32Array[][]; // [parity][rank]
+  private readonly chunk: number;
+  private seq = 0; // chunks so far (same on every rank): picks the parity
+
+  static allocate(worldSize: number, chunk = 1 << 20): CollectiveBuffers {
+    if (!Number.isInteger(worldSize) || worldSize < 1) throw new RangeError(`world size must be a positive integer, got ${worldSize}`);
+    if (!Number.isInteger(chunk) || chunk < 1) throw new RangeError(`collective chunk must be a positive integer, got ${chunk}`);
+    return {
+      worldSize,
+      chunk,
+      ctl: new SharedArrayBuffer((HDR + PER_RANK * worldSize) * 4),
+      data: new SharedArrayBuffer(2 * worldSize * chunk * 4),
+    };
+  }
+
+  /** Abort a group from outside (the driver): every rank blocked in a barrier wakes up and throws. */
+  static abort(b: CollectiveBuffers, by = b.worldSize + 1): void {
+    const ctl = new Int32Array(b.ctl);
+    Atomics.compareExchange(ctl, ABORT, 0, by);
+    Atomics.notify(ctl, GEN);
+  }
+
+  /** Ranks now waiting inside a barrier (for error messages: the others are the slow ones). */
+  static waiting(b: CollectiveBuffers): number[] {
+    const ctl = new Int32Array(b.ctl);
+    const r: number[] = [];
+    for (let i = 0; i < b.worldSize; i++) if (Atomics.load(ctl, HDR + i * PER_RANK + WAITING) === 1) r.push(i);
+    return r;
+  }
+
+  constructor(
+    b: CollectiveBuffers,
+    readonly rank: number,
+    /** the longest one rank waits for the others at one barrier */
+    readonly timeoutMs = 300_000,
+  ) {
+    if (!Number.isInteger(rank) || rank < 0 || rank >= b.worldSize) throw new RangeError(`rank ${rank} outside [0, ${b.worldSize})`);
+    this.worldSize = b.worldSize;
+    this.chunk = b.chunk;
+    this.ctl = new Int32Array(b.ctl);
+    this.slots = [0, 1].map((p) => Array.from({ length: b.worldSize }, (_, r) => new Float32Array(b.data, ((p * b.worldSize + r) * b.chunk) * 4, b.chunk)));
+  }
+
+  /** Abort the group from this rank (it failed): the others wake up and throw. */
+  abort(): void {
+    Atomics.compareExchange(this.ctl, ABORT, 0, this.rank + 1);
+    Atomics.notify(this.ctl, GEN);
+  }
+
+  get aborted(): boolean {
+    return Atomics.load(this.ctl, ABORT) !== 0;
+  }
+
+  allReduceSum(data: Float32Array): Float32Array {
+    const n = data.length;
+    const out = new Float32Array(n);
+    const N = this.worldSize;
+    let off = 0;
+    do {
+      const m = Math.min(this.chunk, n - off);
+      const p = this.exchange(1, n, off === 0, data.subarray(off, off + m));
+      const s = this.slots[p]!;
+      const o = out.subarray(off, off + m);
+      o.set(s[0]!.subarray(0, m));
+      for (let r = 1; r < N; r++) {
+        const x = s[r]!;
+        for (let i = 0; i < m; i++) o[i]! += x[i]!;
+      }
+      off += m;
+    } while (off < n);
+    return out;
+  }
+
+  allGatherCols(data: Float32Array, rows: number): Float32Array {
+    const n = data.length;
+    const N = this.worldSize;
+    if (!Number.isInteger(rows) || rows < 0 || (rows === 0 ? n !== 0 : n % rows !== 0))
+      throw new RangeError(`allGatherCols: ${n} values do not make ${rows} rows`);
+    const c = rows === 0 ? 0 : n / rows; // this rank's columns
+    const out = new Float32Array(n * N);
+    let off = 0;
+    do {
+      const m = Math.min(this.chunk, n - off);
+      const p = this.exchange(2, n, off === 0, data.subarray(off, off + m));
+      const s = this.slots[p]!;
+      for (let r = 0; r < N; r++) {
+        const x = s[r]!;
+        // flat [off, off+m) of rank r's [rows, c] block -> columns [r*c, (r+1)*c) of out
+        for (let j = off; j < off + m; ) {
+          const row = Math.floor(j / c);
+          const col = j - row * c;
+          const len = Math.min(c - col, off + m - j);
+          out.set(x.subarray(j - off, j - off + len), row * N * c + r * c + col);
+          j += len;
+        }
+      }
+      off += m;
+    } while (off < n);
+    return out;
+  }
+
+  /** Publish this rank's chunk, meet the others; returns the parity whose slots now hold every rank's chunk. */
+  private exchange(op: number, n: number, first: boolean, part: Float32Array): number {
+    const p = this.seq++ & 1;
+    const me = HDR + this.rank * PER_RANK;
+    this.slots[p]![this.rank]!.set(part);
+    Atomics.store(this.ctl, me + OP_LEN + 2 * p, op);
+    Atomics.store(this.ctl, me + OP_LEN + 2 * p + 1, n);
+    this.barrier(OPS[op]!);
+    if (first) {
+      // every rank must be in the same collective with the same size, or the chunks would not line up
+      for (let r = 0; r < this.worldSize; r++) {
+        const b = HDR + r * PER_RANK + OP_LEN + 2 * p;
+        const rop = Atomics.load(this.ctl, b);
+        const rn = Atomics.load(this.ctl, b + 1);
+        if (rop !== op || rn !== n) {
+          this.abort();
+          throw new Error(`collective mismatch: rank ${this.rank} is in ${OPS[op]}(${n} values) but rank ${r} is in ${OPS[rop] ?? "?"}(${rn} values)`);
+        }
+      }
+    }
+    return p;
+  }
+
+  private abortedError(what: string): CollectiveAbortedError {
+    const by = Atomics.load(this.ctl, ABORT);
+    const who = by === this.worldSize + 1 ? "the driver gave up on the step" : `rank ${by - 1} failed`;
+    return new CollectiveAbortedError(`rank ${this.rank}: ${what} aborted (${who})`);
+  }
+
+  private barrier(what: string): void {
+    const ctl = this.ctl;
+    if (Atomics.load(ctl, ABORT) !== 0) throw this.abortedError(what);
+    const me = HDR + this.rank * PER_RANK;
+    const mine = Atomics.add(ctl, me + ARRIVALS, 1) + 1;
+    const g = Atomics.load(ctl, GEN);
+    if (Atomics.add(ctl, COUNT, 1) === this.worldSize - 1) {
+      Atomics.store(ctl, COUNT, 0);
+      Atomics.add(ctl, GEN, 1);
+      Atomics.notify(ctl, GEN);
+      return;
+    }
+    Atomics.store(ctl, me + WAITING, 1);
+    const deadline = Date.now() + this.timeoutMs;
+    try {
+      for (;;) {
+        if (Atomics.load(ctl, ABORT) !== 0) throw this.abortedError(what);
+        if (Atomics.load(ctl, GEN) !== g) return;
+        const left = deadline - Date.now();
+        if (left <= 0) {
+          const late: number[] = [];
+          for (let r = 0; r < this.worldSize; r++) if (Atomics.load(ctl, HDR + r * PER_RANK + ARRIVALS) < mine) late.push(r);
+          this.abort();
+          throw new Error(`rank ${this.rank}: ${what} timed out after ${this.timeoutMs} ms waiting for rank(s) ${late.join(", ")}`);
+        }
+        Atomics.wait(ctl, GEN, g, Math.min(left, 1000));
+      }
+    } finally {
+      Atomics.store(ctl, me + WAITING, 0);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Messages between the driver and the rank workers
+
+/** Test hook: make one rank fail at one step (tests only). */
+export interface FaultInjection {
+  rank: number;
+  kind: "throw" | "exit" | "hang";
+  /** which step() call fails, counting from 0 */
+  atStep: number;
+}
+
+export interface RankInit {
+  kind: "init";
+  rank: number;
+  worldSize: number;
+  dir: string;
+  /** file URL of the backend package's entry, resolved by the driver */
+  backendUrl: string;
+  backendPackage: string;
+  backendOptions: Omit<BackendOptions, "collective">;
+  cache: CacheSpec;
+  mtp?: boolean;
+  collective: CollectiveBuffers | null;
+  collectiveTimeoutMs: number;
+  fault?: FaultInjection;
+}
+export type RankTask =
+  | RankInit
+  | { kind: "step"; step: number; input: StepInput }
+  | { kind: "mtp"; input: MtpInput }
+  | { kind: "readCache"; layer: number; slot: number; count: number }
+  | { kind: "close" };
+
+export type RankReply =
+  | { ok: true; data: Float32Array | null; info?: { backendName: string; hasMtp: boolean; device: string } }
+  | { ok: false; aborted: boolean; message: string };
+
+// ---------------------------------------------------------------------------------------
+// The driver
+
+export interface RankExecutorOptions {
+  /** backend package imported by name inside each worker, e.g. "@ds3/backend-cpu" (or a path / file URL to its entry) */
+  backendPackage: string;
+  /** passed to every rank's backend (the collective is made here; `threads` is per rank) */
+  backendOptions?: Omit<BackendOptions, "collective">;
+  cache: CacheSpec;
+  mtp?: boolean;
+  worldSize: number;
+  /** backend threads per rank (default: the machine's cores divided among the ranks) */
+  threadsPerRank?: number;
+  /** a step (or MTP step) that a rank does not answer within this many ms fails (default 300 000) */
+  stepTimeoutMs?: number;
+  /** floats per rank per collective chunk (default 1 Mi = 4 MiB per rank and parity) */
+  collectiveChunk?: number;
+  /** tests only: make one rank throw, exit, or hang at a given step */
+  faultInjection?: FaultInjection;
+}
+
+/** A rank failed: it threw, its worker exited, or it did not answer in time. */
+export class RankError extends Error {
+  override name = "RankError";
+  constructor(
+    readonly rank: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+const WORKER = "rank-worker.js";
+
+/** The built worker next to this module (dist/); from sources (src/), the built one in ../dist. */
+function workerUrl(): URL {
+  const here = new URL(`./${WORKER}`, import.meta.url);
+  if (existsSync(fileURLToPath(here))) return here;
+  const built = new URL(`../dist/${WORKER}`, import.meta.url);
+  if (existsSync(fileURLToPath(built))) return built;
+  throw new Error(`RankExecutor: worker entry ${fileURLToPath(here)} not found; build @ds3/core (pnpm --filter @ds3/core build)`);
+}
+
+/** The ESM entry of an installed package, from its package.json (exports "." import/node/default, else module/main). */
+function packageEntry(dir: string): string {
+  const pj = JSON.parse(readFileSync(join(dir, "package.json"), "utf8")) as { exports?: unknown; module?: string; main?: string };
+  const pick = (e: unknown): string | null => {
+    if (typeof e === "string") return e;
+    if (Array.isArray(e)) {
+      for (const x of e) {
+        const r = pick(x);
+        if (r) return r;
+      }
+      return null;
+    }
+    if (e && typeof e === "object") {
+      const o = e as Record<string, unknown>;
+      if ("." in o) return pick(o["."]);
+      for (const k of ["import", "node", "default"]) if (k in o) {
+        const r = pick(o[k]);
+        if (r) return r;
+      }
+    }
+    return null;
+  };
+  const rel = pick(pj.exports) ?? pj.module ?? pj.main ?? "index.js";
+  return pathToFileURL(join(dir, rel)).href;
+}
+
+/**
+ * Find a backend package by name for the workers to import. pnpm keeps packages strict, so
+ * @ds3/core itself may not see the backend the application installed: look in node_modules
+ * from here, from the working directory, and from the main script.
+ */
+export function resolveBackendPackage(spec: string): string {
+  if (spec.startsWith("file:")) return spec;
+  if (isAbsolute(spec)) return pathToFileURL(spec).href;
+  const bases = [dirname(fileURLToPath(import.meta.url)), process.cwd()];
+  if (process.argv[1]) {
+    try {
+      bases.push(dirname(realpathSync(process.argv[1])));
+    } catch {
+      /* no main script on disk */
+    }
+  }
+  for (const base of bases)
+    for (let d = base; ; d = dirname(d)) {
+      const p = join(d, "node_modules", spec);
+      if (existsSync(join(p, "package.json"))) return packageEntry(realpathSync(p));
+      if (dirname(d) === d) break;
+    }
+  throw new Error(`backend package "${spec}" not found in node_modules from ${bases.join(", ")}; install it (e.g. pnpm add ${spec})`);
+}
+
+function describe(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+/** N ranks in N worker threads (one Piscina pool of one thread per rank), driven as one executor. */
+export class RankExecutor implements Executor {
+  private steps = 0;
+  private broken: Error | null = null;
+  private closing: Promise<void> | null = null;
+  private queue: Promise<unknown> = Promise.resolve();
+  private busy = 0;
+
+  private constructor(
+    readonly config: ModelConfig,
+    readonly cache: CacheSpec,
+    readonly worldSize: number,
+    readonly backendName: string,
+    readonly hasMtp: boolean,
+    readonly device: string,
+    private readonly pools: Piscina<RankTask, RankReply>[],
+    private readonly coll: CollectiveBuffers | null,
+    private readonly stepTimeoutMs: number,
+  ) {}
+
+  static async create(dir: string, opts: RankExecutorOptions): Promise<RankExecutor> {
+    const ws = opts.worldSize;
+    if (!Number.isInteger(ws) || ws < 1) throw new RangeError(`RankExecutor: worldSize must be a positive integer, got ${ws}`);
+    const cfg = loadConfig(dir);
+    checkParallel(cfg, ws); // before any worker starts
+    const f = opts.faultInjection;
+    if (f && !(Number.isInteger(f.rank) && f.rank >= 0 && f.rank < ws)) throw new RangeError(`faultInjection.rank ${f.rank} outside [0, ${ws})`);
+    const backendUrl = resolveBackendPackage(opts.backendPackage);
+    const filename = workerUrl().href;
+    const stepTimeoutMs = opts.stepTimeoutMs ?? 300_000;
+    if (!(stepTimeoutMs > 0)) throw new RangeError(`stepTimeoutMs must be positive, got ${stepTimeoutMs}`);
+    const threads = opts.threadsPerRank ?? opts.backendOptions?.threads ?? Math.max(1, Math.floor(availableParallelism() / ws));
+    const coll = ws > 1 ? SharedCollective.allocate(ws, opts.collectiveChunk) : null;
+    const pools = Array.from(
+      { length: ws },
+      () => new Piscina<RankTask, RankReply>({ filename, minThreads: 1, maxThreads: 1, idleTimeout: Infinity, concurrentTasksPerWorker: 1 }),
+    );
+    const replies = await Promise.allSettled(
+      pools.map((p, rank) =>
+        p.run({
+          kind: "init",
+          rank,
+          worldSize: ws,
+          dir,
+          backendUrl,
+          backendPackage: opts.backendPackage,
+          backendOptions: { ...opts.backendOptions, threads },
+          cache: opts.cache,
+          mtp: opts.mtp,
+          collective: coll,
+          // a safety net for ranks whose driver is gone: the driver's own deadline fires first
+          collectiveTimeoutMs: Math.min(2 * stepTimeoutMs, 2 ** 31 - 1),
+          fault: f,
+        }),
+      ),
+    );
+    let failure: RankError | null = null;
+    for (const [rank, r] of replies.entries()) {
+      if (failure) break;
+      if (r.status === "rejected") failure = new RankError(rank, `RankExecutor: rank ${rank} failed to load: ${describe(r.reason)}`);
+      else if (!r.value.ok) failure = new RankError(rank, `RankExecutor: rank ${rank} failed to load: ${r.value.message}`);
+    }
+    if (failure) {
+      await Promise.allSettled(pools.map((p) => p.destroy()));
+      throw failure;
+    }
+    const r0 = replies[0] as PromiseFulfilledResult<RankReply>;
+    const info = r0.value.ok ? r0.value.info : undefined;
+    return new RankExecutor(cfg, opts.cache, ws, info?.backendName ?? opts.backendPackage, info?.hasMtp ?? false, info?.device ?? "", pools, coll, stepTimeoutMs);
+  }
+
+  get vocabSize(): number {
+    return this.config.vocabSize;
+  }
+
+  /** true once a rank failed: every further step rejects with that failure; close() is all that is left */
+  get failed(): Error | null {
+    return this.broken;
+  }
+
+  step(input: StepInput): Promise<Float32Array> {
+    return this.serial(() => this.everyRank("step", (step) => ({ kind: "step", step, input })));
+  }
+
+  mtp(input: MtpInput): Promise<Float32Array> {
+    if (!this.hasMtp) return Promise.reject(new Error("this model has no MTP block loaded"));
+    return this.serial(() => this.everyRank("mtp", () => ({ kind: "mtp", input })));
+  }
+
+  readCache(layer: number, slot: number, count: number): Promise<Float32Array> {
+    return this.serial(async () => {
+      const r = await this.pools[0]!.run({ kind: "readCache", layer, slot, count });
+      if (!r.ok) throw new Error(`RankExecutor: rank 0: ${r.message}`);
+      return r.data!;
+    });
+  }
+
+  /** Run calls one after another (each rank's pool also keeps order; this keeps the bookkeeping simple). */
+  private serial<T>(f: () => Promise<T>): Promise<T> {
+    const p = this.queue.then(() => {
+      if (this.closing) throw new Error("RankExecutor: closed");
+      if (this.broken) throw this.broken;
+      return f();
+    });
+    this.queue = p.catch(() => undefined);
+    return p;
+  }
+
+  /** Post the same task to every rank; rank 0's reply carries the logits. Fails on the first rank that fails. */
+  private everyRank(what: "step" | "mtp", task: (step: number) => RankTask): Promise<Float32Array> {
+    const N = this.worldSize;
+    const step = what === "step" ? this.steps++ : this.steps - 1;
+    const at = what === "step" ? `step ${step}` : `the MTP step after step ${step}`;
+    this.busy++;
+    return new Promise<Float32Array>((resolve, reject) => {
+      const answered = new Array<boolean>(N).fill(false);
+      let left = N;
+      let logits: Float32Array | null = null;
+      let aborted: RankError | null = null;
+      let done = false;
+      const finish = (err: RankError | null) => {
+        if (done) return;
+        done = true;
+        this.busy--;
+        clearTimeout(timer);
+        if (err) {
+          this.broken = err;
+          if (this.coll) SharedCollective.abort(this.coll); // wake the ranks still blocked in a collective
+          reject(err);
+        } else resolve(logits ?? new Float32Array(0));
+      };
+      const timer = Number.isFinite(this.stepTimeoutMs)
+        ? setTimeout(() => {
+            const pending = [...answered.keys()].filter((r) => !answered[r]);
+            const inBarrier = new Set(this.coll ? SharedCollective.waiting(this.coll) : []);
+            const stuck = pending.filter((r) => !inBarrier.has(r));
+            const culprits = stuck.length > 0 ? stuck : pending;
+            const waiting = pending.filter((r) => inBarrier.has(r));
+            finish(
+              new RankError(
+                culprits[0]!,
+                `RankExecutor: rank ${culprits.join(", ")} did not answer within ${this.stepTimeoutMs} ms (${at})` +
+                  (waiting.length && stuck.length ? `; rank ${waiting.join(", ")} waiting for it in a collective` : ""),
+              ),
+            );
+          }, this.stepTimeoutMs)
+        : undefined;
+      for (let r = 0; r < N; r++) {
+        this.pools[r]!.run(task(step)).then(
+          (rep) => {
+            answered[r] = true;
+            left--;
+            if (rep.ok) {
+              if (r === 0) logits = rep.data;
+            } else if (rep.aborted) {
+              // a consequence, not a cause: keep waiting for the rank that failed (or the deadline)
+              aborted ??= new RankError(r, `RankExecutor: ${rep.message} (${at})`);
+            } else return finish(new RankError(r, `RankExecutor: rank ${r} failed at ${at}: ${rep.message}`));
+            if (left === 0) finish(aborted);
+          },
+          (e) => {
+            answered[r] = true;
+            left--;
+            const m = describe(e);
+            finish(new RankError(r, `RankExecutor: rank ${r} ${/exited/.test(m) ? "exited" : "failed"} at ${at}: ${m}`));
+          },
+        );
+      }
+    });
+  }
+
+  /** Stop every rank: dispose the backends when healthy, then terminate the workers (also hung ones). */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      if (!this.broken && this.busy === 0) {
+        const bye = Promise.allSettled(this.pools.map((p) => p.run({ kind: "close" })));
+        let t: NodeJS.Timeout | undefined;
+        await Promise.race([bye, new Promise((r) => (t = setTimeout(r, 10_000)))]);
+        clearTimeout(t);
+      }
+      if (this.coll) SharedCollective.abort(this.coll);
+      await Promise.allSettled(this.pools.map((p) => p.destroy()));
+    })();
+    return this.closing;
+  }
+}
