@@ -196,6 +196,35 @@ function selectTop(v: ArrayLike<number>, n: number): number[] {
   return h.sort((a, b) => (below(a, b) ? 1 : -1));
 }
 
+/**
+ * Top-p core: the smallest set of best-ranked ids (logit desc, ties to the lowest id) whose weight
+ * reaches `target`, at least one. No full sort: ids are bucketed by -ln(w) = (max - l) / T in steps
+ * of 1/64 nat; whole buckets above the boundary are kept, and only the boundary bucket is sorted.
+ */
+function nucleus(ids: number[], l: Float32Array, w: Float64Array, max: number, T: number, target: number): number[] {
+  const NB = 4096;
+  const bucket = (id: number) => Math.min(NB - 1, Math.floor(((max - l[id]!) / T) * 64));
+  const m = new Float64Array(NB);
+  for (const id of ids) {
+    const k = bucket(id);
+    m[k] = m[k]! + w[id]!;
+  }
+  let b = 0;
+  for (; b < NB - 1 && m[b]! < target; b++) target -= m[b]!;
+  const keep: number[] = [], edge: number[] = [];
+  for (const id of ids) {
+    const k = bucket(id);
+    if (k < b) keep.push(id);
+    else if (k === b) edge.push(id);
+  }
+  edge.sort((x, y) => l[y]! - l[x]! || x - y);
+  for (const id of edge) {
+    keep.push(id);
+    if ((target -= w[id]!) <= 0) break;
+  }
+  return keep;
+}
+
 // ---------------------------------------------------------------------------------------
 // Sampler
 
@@ -224,7 +253,8 @@ const GREEDY_EPS = 1e-5;
 
 /**
  * Per-request sampler. Order, as vLLM: mask disallowed ids → repetition penalty (prompt+output)
- * → frequency/presence penalties (output) → temperature (≈0: argmax) → top-k → top-p → min-p.
+ * → frequency/presence penalties (output) → temperature (≈0: argmax, draws nothing from the rng)
+ * → top-k → top-p → min-p (vLLM v0's order; v1 applies min-p before top-p).
  */
 export class Sampler {
   readonly params: SamplingParams;
@@ -253,7 +283,7 @@ export class Sampler {
     for (const id of this.masked) l[id] = -Infinity;
 
     const lse = logSumExp(l);
-    if (!(lse > -Infinity)) throw new Error("no token can be sampled: every logit is -Infinity or masked");
+    if (!Number.isFinite(lse)) throw new Error("no token can be sampled: logits are all -Infinity/masked, or hold NaN/+Infinity");
     const top = logprobs === undefined ? undefined : topN(l, logprobs).map((t) => ({ id: t.id, logprob: t.logprob - lse }));
     const result = (id: number): SampleResult => ({ id, logprob: logits[id]! - lse, ...(top && { top }) });
 
@@ -272,49 +302,31 @@ export class Sampler {
     const w = this.w, max = l[best]!;
     let total = 0;
     for (let i = 0; i < V; i++) total += w[i] = Math.exp((l[i]! - max) / T);
+    const idsWhere = (min: number) => {
+      const ids: number[] = [];
+      for (let i = 0; i < V; i++) if (w[i]! >= min) ids.push(i);
+      return ids;
+    };
+    const mass = (ids: number[]) => ids.reduce((m, id) => m + w[id]!, 0);
 
-    // Candidates sorted best first (ids[0] === best, weight 1), or null for "every id".
+    // Candidate ids after each filter; null = every id.
     let ids: number[] | null = null;
-    if (topK > 0 && topK < V) {
-      ids = selectTop(l, topK);
-      total = 0;
-      for (const id of ids) total += w[id]!;
-    }
-    let n = ids?.length ?? V;
+    if (topK > 0 && topK < V) ids = selectTop(l, topK);
     if (topP < 1) {
-      if (!ids) {
-        // Every id with weight < t together holds < V*t = (1-topP)*total, so the nucleus lies
-        // within {w >= t}: sort only those.
-        const t = ((1 - topP) * total) / V;
-        ids = [];
-        for (let i = 0; i < V; i++) if (w[i]! >= t && l[i]! > -Infinity) ids.push(i);
-        ids.sort((a, b) => l[b]! - l[a]! || a - b);
-      }
-      const target = topP * total;
-      let cum = 0;
-      for (n = 0; n < ids.length; ) if ((cum += w[ids[n++]!]!) >= target) break;
+      const target = topP * (ids ? mass(ids) : total);
+      // Ids lighter than t together weigh < V*t = (1-topP)*total: the nucleus lies within {w >= t}.
+      ids = nucleus(ids ?? idsWhere(((1 - topP) * total) / V), l, w, max, T, target);
     }
-    if (minP > 0) {
-      // prob < minP * maxProb  ⇔  w < minP (the best token has w = 1)
-      if (ids) while (n > 1 && w[ids[n - 1]!]! < minP) n--;
-      else for (let i = 0; i < V; i++) if (w[i]! < minP) w[i] = 0;
-    }
+    // prob < minP * maxProb  ⇔  w < minP (the best token, always kept, has w = 1)
+    if (minP > 0) ids = ids ? ids.filter((id) => w[id]! >= minP) : idsWhere(minP);
 
+    let u = rng.next() * (ids ? mass(ids) : total);
     if (ids) {
-      total = 0;
-      for (let k = 0; k < n; k++) total += w[ids[k]!]!;
-      let u = rng.next() * total;
-      for (let k = 0; k < n; k++) if ((u -= w[ids[k]!]!) < 0) return result(ids[k]!);
-      return result(ids[n - 1]!); // rounding: u landed exactly on the total
+      for (const id of ids) if ((u -= w[id]!) < 0) return result(id);
+      return result(ids[ids.length - 1]!); // rounding: u landed on the total
     }
-    total = 0;
-    for (let i = 0; i < V; i++) total += w[i]!;
-    let u = rng.next() * total, last = best;
-    for (let i = 0; i < V; i++) {
-      if (w[i]! > 0) last = i;
-      if ((u -= w[i]!) < 0) return result(i);
-    }
-    return result(last);
+    for (let i = 0; i < V; i++) if ((u -= w[i]!) < 0) return result(i);
+    return result(best);
   }
 
   /** HF-style repetition penalty over prompt+output, then OpenAI-style frequency/presence over output. */
@@ -380,8 +392,10 @@ export class StopMatcher {
     let cutStart = -1, cutEnd = Infinity;
     for (const s of this.stops) {
       const i = buf.indexOf(s);
-      if (i >= 0 && (i + s.length < cutEnd || (i + s.length === cutEnd && i < cutStart)))
-        (cutStart = i), (cutEnd = i + s.length);
+      if (i >= 0 && (i + s.length < cutEnd || (i + s.length === cutEnd && i < cutStart))) {
+        cutStart = i;
+        cutEnd = i + s.length;
+      }
     }
     if (cutStart >= 0) {
       this.done = true;
