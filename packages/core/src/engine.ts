@@ -105,6 +105,18 @@ export interface GenerateRequest {
   eosIds?: number[];
   signal?: AbortSignal;
   id?: string;
+  /**
+   * Called before each token is sampled with the output ids so far and a copy of that position's
+   * logits, which it may change in place (e.g. set ids to -Infinity for constrained decoding).
+   * It must not throw, and must leave at least one id finite.
+   */
+  logitsProcessor?: (outputIds: readonly number[], logits: Float32Array) => void;
+  /**
+   * Prompt scoring: called with the raw logits at each prompt position (once per position, in order;
+   * the view is only valid during the call). Prefix caching is skipped for such a request, and with
+   * maxTokens 0 the prompt still runs. It must not throw.
+   */
+  onPromptLogits?: (position: number, logits: Float32Array) => void;
 }
 
 export type FinishReason = "stop" | "length" | "abort";
@@ -161,6 +173,10 @@ interface Seq {
   wake: (() => void) | null;
   error: Error | null;
   order: number;
+  processor?: GenerateRequest["logitsProcessor"];
+  onPromptLogits?: GenerateRequest["onPromptLogits"];
+  /** prompt positions whose logits went to onPromptLogits */
+  scored: number;
 }
 
 export interface EngineOptions {
@@ -317,9 +333,12 @@ export class Engine {
       wake: null,
       error: null,
       order: this.counter,
+      processor: req.logitsProcessor,
+      onPromptLogits: req.onPromptLogits,
+      scored: 0,
     };
     this.stats_.promptTokens += ids.length;
-    if (maxTokens === 0) {
+    if (maxTokens === 0 && !req.onPromptLogits) {
       this.finish(seq, "length");
       return seq;
     }
@@ -466,7 +485,7 @@ export class Engine {
 
   /** Take prefix-cache hits for a sequence about to start (re)computing. */
   private attachPrefix(seq: Seq): void {
-    if (!this.opts.prefixCaching || seq.computed > 0) return;
+    if (!this.opts.prefixCaching || seq.computed > 0 || seq.onPromptLogits) return;
     const bs = this.blocks.blockSize;
     // never the block holding the last token: its logits must be computed
     const full = Math.floor((seq.tokens.length - 1) / bs);
@@ -565,7 +584,7 @@ export class Engine {
     const seqIdx = new Int32Array(T);
     const blockTables = new Int32Array(plan.length * maxBlocks).fill(-1);
     const logitRows: number[] = [];
-    const rowsOf: Array<{ first: number; count: number }> = [];
+    const rowsOf: Array<{ first: number; count: number; score: boolean }> = [];
     let r = 0;
     plan.forEach((p, si) => {
       const toks = p.drafts.length ? [p.seq.tokens[p.start]!, ...p.drafts] : p.seq.tokens.slice(p.start, p.start + p.n);
@@ -579,8 +598,10 @@ export class Engine {
       });
       const endsPrompt = p.start + p.n === p.seq.tokens.length || p.drafts.length > 0;
       const first = logitRows.length;
-      if (endsPrompt) for (let j = p.drafts.length ? 0 : p.n - 1; j < p.n; j++) logitRows.push(r + j);
-      rowsOf.push({ first, count: logitRows.length - first });
+      const score = !!p.seq.onPromptLogits && p.start < p.seq.promptLen && !p.drafts.length;
+      if (score) for (let j = 0; j < p.n; j++) logitRows.push(r + j);
+      else if (endsPrompt) for (let j = p.drafts.length ? 0 : p.n - 1; j < p.n; j++) logitRows.push(r + j);
+      rowsOf.push({ first, count: logitRows.length - first, score });
       r += p.n;
     });
     const input: StepInput = { ids, positions, seqIdx, blockTables, maxBlocks, logitRows: Int32Array.from(logitRows) };
@@ -598,10 +619,27 @@ export class Engine {
     let row0 = 0;
     plan.forEach((p, si) => {
       const seq = p.seq;
-      const { first, count } = rowsOf[si]!;
+      let { first, count } = rowsOf[si]!;
       const stepRow0 = row0;
       row0 += p.n;
       if (seq.status !== "running") return; // aborted while the step ran
+      if (rowsOf[si]!.score) {
+        for (let j = 0; j < p.n; j++) {
+          const pos = p.start + j;
+          if (pos < seq.scored || pos >= seq.promptLen) continue;
+          seq.onPromptLogits!(pos, logits.subarray((first + j) * V, (first + j + 1) * V));
+          seq.scored = pos + 1;
+        }
+        const ends = p.start + p.n === seq.tokens.length;
+        if (ends && seq.maxTokens === 0) {
+          seq.computed += p.n;
+          this.finish(seq, "length");
+          return;
+        }
+        // only the row that ends the prompt is sampled
+        first += p.n - 1;
+        count = ends ? 1 : 0;
+      }
       if (count === 0) {
         seq.computed += p.n;
         this.registerFull(seq);
@@ -613,7 +651,11 @@ export class Engine {
       let stopId: number | undefined;
       let reason: FinishReason | undefined;
       for (let j = 0; j < count; j++) {
-        const lg = logits.subarray((first + j) * V, (first + j + 1) * V);
+        let lg = logits.subarray((first + j) * V, (first + j + 1) * V);
+        if (seq.processor) {
+          lg = lg.slice();
+          seq.processor(seq.tokens.slice(seq.promptLen), lg);
+        }
         const s = seq.sampler.sample(lg, { prompt: seq.tokens.slice(0, seq.promptLen), output: seq.tokens.slice(seq.promptLen) }, seq.rng);
         seq.tokens.push(s.id);
         produced.push(s.id);

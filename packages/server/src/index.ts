@@ -1,0 +1,10 @@
+// @ds3/server — the embeddable OpenAI-compatible server
+export { createServer, type Ds3Server, type ServerModel, type ServerOptions } from "./server.js";
+export { ApiError } from "./errors.js";
+export { ServerMetrics, Registry, Counter, Gauge, Histogram } from "./metrics.js";
+export { parseToolCalls, renderToolChat, toolSection, ToolCallStreamParser, type ParsedToolCall, type ToolCallDelta } from "./tools.js";
+export { ReasoningStreamParser, splitReasoning, type ReasoningMode } from "./reasoning.js";
+export { JsonMasker, isJsonObjectPrefix, initialJsonState, stepBytes, isComplete, type JsonState } from "./json.js";
+export { ToolCallGrammar } from "./constraints.js";
+export { tokenTable, ByteStreamDecoder, type TokenTable } from "./tokens.js";
+export { parseChatRequest, parseCompletionRequest, type ChatRequest, type CompletionRequestBody, type ToolDef, type ToolChoice } from "./validate.js";
