@@ -7,3 +7,7 @@ export * from "./tokenizer.js";
 export * from "./engine.js";
 export * from "./executor.js";
 export * from "./sampling.js";
+export * from "./ranks.js";
+export * from "./llm.js";
+export * from "./builtin.js";
+export * from "./convert.js";

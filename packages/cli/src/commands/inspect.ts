@@ -1,0 +1,158 @@
+// ds3 inspect: which backends are here (and why not the others); for a model, its layers,
+// parameters (total / active per token), dtypes and the bytes each rank holds.
+import type { Argv } from "yargs";
+import { Checkpoint, DTYPE_SIZE, type ModelConfig, cacheBytesPerBlock, checkParallel, ensureBuiltinModel, loadConfig } from "@ds3/core";
+import { probeAll } from "../backends.js";
+import { intFlag, modelDir } from "../common.js";
+import { fmtBytes, fmtCount, notice } from "../ui.js";
+
+interface Args {
+  model?: string;
+  tp?: number;
+  json?: boolean;
+}
+
+export const command = "inspect";
+export const describe = "backends found (and why not the others); with --model: layers, parameters, dtypes, bytes per rank";
+
+export function builder(y: Argv): Argv {
+  return y
+    .options({
+      model: { type: "string", describe: 'checkpoint directory to describe ("builtin": the built-in model)', requiresArg: true },
+      tp: { describe: "tensor/expert parallel size for the bytes-per-rank figure (default: 1, 2, 4, 8)", coerce: intFlag("tp", 1), requiresArg: true },
+      json: { type: "boolean", describe: "print one JSON object" },
+    })
+    .example("$0 inspect", "backends")
+    .example("$0 inspect --model DeepSeek-V3 --tp 8", "");
+}
+
+type Split = "replicated" | "split" | "expert";
+
+function classify(name: string): { split: Split; expert?: number } {
+  const e = /\.mlp\.experts\.(\d+)\./.exec(name);
+  if (e) return { split: "expert", expert: Number(e[1]) };
+  if (/(embed_tokens|lm_head|shared_head\.head)\.weight/.test(name)) return { split: "split" };
+  if (/self_attn\.(q_proj|q_b_proj|kv_b_proj|o_proj)\.weight/.test(name)) return { split: "split" };
+  if (/\.mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj)\.weight/.test(name)) return { split: "split" };
+  return { split: "replicated" };
+}
+
+interface ModelReport {
+  dir: string;
+  config: Record<string, unknown>;
+  layers: { total: number; dense: number; moe: number; mtp: number };
+  parameters: { total: number; active: number; mtp: number; mtpActive: number };
+  dtypes: Record<string, { tensors: number; parameters: number; bytes: number }>;
+  bytes: number;
+  kvCacheBytesPerToken: { f32: number; bf16: number };
+  ranks: Array<{ tp: number; ok: boolean; reason?: string; bytesPerRank?: number }>;
+}
+
+function describeModel(dir: string, tps: number[]): ModelReport {
+  const cfg = loadConfig(dir);
+  const ck = Checkpoint.open(dir);
+  try {
+    const dtypes: ModelReport["dtypes"] = {};
+    const p = { total: 0, active: 0, mtp: 0, mtpActive: 0 };
+    let bytes = 0;
+    const tensors: Array<{ name: string; bytes: number }> = [];
+    for (const name of ck.names()) {
+      const ti = ck.info(name);
+      const n = ti.shape.reduce((a, b) => a * b, 1);
+      const d = (dtypes[ti.dtype] ??= { tensors: 0, parameters: 0, bytes: 0 });
+      d.tensors++;
+      d.bytes += ti.nbytes;
+      bytes += ti.nbytes;
+      tensors.push({ name, bytes: ti.nbytes });
+      if (name.endsWith("_scale_inv")) continue;
+      d.parameters += n;
+      const layer = /^model\.layers\.(\d+)\./.exec(name);
+      const isMtp = layer !== null && Number(layer[1]) >= cfg.nLayers;
+      const act = classify(name).split === "expert" ? (n * cfg.nActivatedExperts) / cfg.nRoutedExperts : n;
+      if (isMtp) {
+        p.mtp += n;
+        p.mtpActive += act;
+      } else {
+        p.total += n;
+        p.active += act;
+      }
+    }
+    const ranks = tps.map((tp) => {
+      try {
+        checkParallel(cfg, tp);
+      } catch (e) {
+        return { tp, ok: false, reason: (e as Error).message };
+      }
+      const per = new Array<number>(tp).fill(0);
+      const perRank = cfg.nRoutedExperts / tp;
+      for (const t of tensors) {
+        const base = t.name.replace(/_scale_inv$/, "");
+        const c = classify(base);
+        if (c.split === "expert") per[Math.floor(c.expert! / perRank)]! += t.bytes;
+        else for (let r = 0; r < tp; r++) per[r]! += c.split === "split" ? t.bytes / tp : t.bytes;
+      }
+      return { tp, ok: true, bytesPerRank: Math.ceil(Math.max(...per)) };
+    });
+    const raw = { ...cfg } as unknown as Record<string, unknown>;
+    return {
+      dir,
+      config: raw,
+      layers: { total: cfg.nLayers, dense: cfg.nDenseLayers, moe: cfg.nLayers - cfg.nDenseLayers, mtp: cfg.nMtpLayers },
+      parameters: { total: p.total, active: Math.round(p.active), mtp: p.mtp, mtpActive: Math.round(p.mtpActive) },
+      dtypes,
+      bytes,
+      kvCacheBytesPerToken: { f32: cacheBytesPerBlock(cfg, 1, "f32", false), bf16: cacheBytesPerBlock(cfg, 1, "bf16", false) },
+      ranks,
+    };
+  } finally {
+    ck.close();
+  }
+}
+
+function summary(cfg: ModelConfig): string {
+  const q = cfg.quantization ? `FP8 ${cfg.quantization.fmt} ${cfg.quantization.blockSize.join("x")} blocks` : "none (BF16)";
+  return [
+    `  hidden ${cfg.dim}, ${cfg.nHeads} heads, q_lora ${cfg.qLoraRank || "none"}, kv_lora ${cfg.kvLoraRank}, head dims nope ${cfg.qkNopeHeadDim} / rope ${cfg.qkRopeHeadDim} / v ${cfg.vHeadDim}`,
+    `  experts: ${cfg.nRoutedExperts} routed (${cfg.nActivatedExperts} per token, ${cfg.nExpertGroups} groups, top ${cfg.nLimitedGroups}; ${cfg.scoreFunc}, ${cfg.topkMethod}), ${cfg.nSharedExperts} shared; dense inter ${cfg.interDim}, expert inter ${cfg.moeInterDim}`,
+    `  vocab ${cfg.vocabSize}, max positions ${cfg.maxPositionEmbeddings}, rope ${cfg.ropeScaling.type === "yarn" ? `YaRN x${cfg.ropeScaling.factor}` : "plain"}; quantization: ${q}`,
+  ].join("\n");
+}
+
+export async function handler(a: Args): Promise<void> {
+  const backends = await probeAll();
+  let model: ModelReport | null = null;
+  let cfg: ModelConfig | null = null;
+  if (a.model !== undefined) {
+    const dir = modelDir(a.model) ?? (await ensureBuiltinModel({ onProgress: notice }));
+    cfg = loadConfig(dir);
+    model = describeModel(dir, a.tp !== undefined ? [a.tp] : [1, 2, 4, 8]);
+  }
+  if (a.json) {
+    process.stdout.write(
+      JSON.stringify({
+        backends: backends.map((b) => ({ name: b.name, package: b.package, available: b.ok, ...(b.devices && { devices: b.devices }), ...(b.reason && { reason: b.reason }) })),
+        ...(model && { model }),
+      }) + "\n",
+    );
+    return;
+  }
+  const lines: string[] = ["backends:"];
+  for (const b of backends) lines.push(`  ${b.name.padEnd(7)} ${b.ok ? `available: ${b.devices?.join(", ")}` : `not available: ${b.reason}`}`);
+  if (model && cfg) {
+    const m = model;
+    lines.push(`model: ${m.dir}`);
+    lines.push(`  layers: ${m.layers.total} (${m.layers.dense} dense + ${m.layers.moe} MoE)${m.layers.mtp ? ` + ${m.layers.mtp} MTP` : ""}`);
+    lines.push(summary(cfg));
+    lines.push(
+      `  parameters: ${fmtCount(m.parameters.total)} total, ${fmtCount(m.parameters.active)} active per token` +
+        (m.parameters.mtp ? `; MTP ${fmtCount(m.parameters.mtp)} (${fmtCount(m.parameters.mtpActive)} active)` : ""),
+    );
+    lines.push(`  weights: ${fmtBytes(m.bytes)}`);
+    for (const [dt, d] of Object.entries(m.dtypes).sort((x, y) => y[1].bytes - x[1].bytes))
+      lines.push(`    ${dt.padEnd(8)} ${String(d.tensors).padStart(6)} tensors  ${fmtCount(d.parameters).padStart(9)} values  ${fmtBytes(d.bytes).padStart(10)}  (${DTYPE_SIZE[dt as keyof typeof DTYPE_SIZE]} B each)`);
+    lines.push(`  KV (latent) cache per token: ${fmtBytes(m.kvCacheBytesPerToken.f32)} fp32, ${fmtBytes(m.kvCacheBytesPerToken.bf16)} bf16 (all layers)`);
+    lines.push("  weights per rank (tensor parallel attention/dense/shared, expert parallel routed experts, vocab parallel embedding/head):");
+    for (const r of m.ranks) lines.push(`    tp ${String(r.tp).padEnd(3)} ${r.ok ? fmtBytes(r.bytesPerRank!) : `not possible: ${r.reason}`}`);
+  }
+  process.stdout.write(lines.join("\n") + "\n");
+}

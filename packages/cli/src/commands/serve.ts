@@ -1,0 +1,68 @@
+// ds3 serve: the OpenAI-compatible HTTP server of @ds3/server (chat and text completions,
+// streaming, tools, JSON mode, /metrics) on a loaded model.
+import type { Argv } from "yargs";
+import { createServer } from "@ds3/server";
+import { type ModelArgs, intFlag, loadModel, modelOptions, mtpOption, withOptions } from "../common.js";
+import { notice, ui } from "../ui.js";
+
+interface Args extends ModelArgs {
+  host: string;
+  port: number;
+  apiKey?: string[];
+  cors?: string[];
+  servedModelName?: string;
+  maxQueue?: number;
+}
+
+export const command = "serve";
+export const describe = "OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /metrics)";
+
+export function builder(y: Argv): Argv {
+  return withOptions(y, modelOptions, mtpOption)
+    .options({
+      host: { type: "string", default: "127.0.0.1", describe: "address to listen on", requiresArg: true },
+      port: { default: 8000, describe: "port (0: any free one)", coerce: intFlag("port", 0), requiresArg: true },
+      "api-key": { type: "string", array: true, describe: "accepted API key (repeatable); default: $DS3_API_KEY (comma-separated); none: no authentication", requiresArg: true },
+      cors: { type: "string", array: true, describe: 'allowed CORS origin (repeatable; "*" for any)', requiresArg: true },
+      "served-model-name": { type: "string", describe: "the model id clients send and /v1/models lists", requiresArg: true },
+      "max-queue": { describe: "most sequences in flight before requests get 429", coerce: intFlag("max-queue", 1), requiresArg: true },
+    })
+    .example("$0 serve --model DIR --port 8000", "")
+    .example("$0 serve --port 0", "the built-in model on a free port (printed on stdout)");
+}
+
+export async function handler(a: Args): Promise<void> {
+  const ds3 = await loadModel(a);
+  let server: ReturnType<typeof createServer>;
+  try {
+    server = createServer({
+      ds3,
+      ...(a.apiKey && { apiKeys: a.apiKey }),
+      ...(a.cors && { cors: a.cors.includes("*") ? true : a.cors }),
+      ...(a.servedModelName !== undefined && { modelName: a.servedModelName }),
+      ...(a.maxQueue !== undefined && { maxQueue: a.maxQueue }),
+      handleSignals: true,
+      onSignal: async (sig) => {
+        notice(`${sig}: stopped`);
+        await ds3.close();
+        process.exit(0);
+      },
+      ...(!ui.quiet && { log: (line: string) => process.stderr.write(`ds3: ${line}\n`) }),
+    });
+  } catch (e) {
+    await ds3.close();
+    throw e;
+  }
+  let addr: { url: string };
+  try {
+    addr = await server.listen(a.port, a.host);
+  } catch (e) {
+    await ds3.close();
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new Error(code === "EADDRINUSE" ? `port ${a.port} on ${a.host} is in use` : code === "EACCES" ? `no permission to listen on ${a.host}:${a.port}` : (e as Error).message);
+  }
+  notice(`serving ${server.modelName} at ${addr.url} (OpenAI-compatible: ${addr.url}/v1); Ctrl-C stops`);
+  process.stdout.write(`${addr.url}\n`);
+  // runs until a signal closes it
+  await new Promise<never>(() => {});
+}
