@@ -457,6 +457,9 @@ describe("errors", () => {
       [["convert", TINY, join(tmp, "out")], /Missing required argument: to/],
       [["chat", "--model", missing], /model directory not found/],
       [["inspect", "--model", missing], /model directory not found/],
+      [["generate", "--model", TINY, "--prompt-ids", "1,2", "--cache-blocks", "1", "--max-model-len", "100"], /max model length 100 exceeds what the cache holds \(1 blocks x 64 = 64 tokens\)/],
+      [["generate", "--model", TINY, "--prompt-ids", "1,2", "--cache-dtype", "f8"], /Invalid values/],
+      [["generate", "--model", TINY, "--prompt-ids", "1,2,3", "--max-model-len", "2"], /prompt has 3 tokens, the maximum context length is 2/],
     ];
     const runs = await pool(cases, 4, ([args]) => ds3(args));
     runs.forEach((r, i) => {

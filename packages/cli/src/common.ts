@@ -17,6 +17,12 @@ export interface ModelArgs extends GlobalArgs {
   backend: string;
   tp: number;
   maxModelLen?: number;
+  cacheBlocks?: number;
+  cacheBytes?: number;
+  cacheDtype?: string;
+  maxBatchTokens?: number;
+  prefillChunk?: number;
+  prefixCaching?: boolean;
   mtp?: boolean;
 }
 
@@ -46,6 +52,12 @@ export const modelOptions: Record<string, Options> = {
   backend: { type: "string", default: "cpu", describe: "backend: cpu, cuda, rocm, ascend or a package name (see ds3 inspect)", requiresArg: true },
   tp: { default: 1, describe: "tensor/expert parallel ranks (worker threads, one per device)", coerce: intFlag("tp", 1), requiresArg: true },
   "max-model-len": { describe: "longest sequence (prompt + output) in tokens (default: min(model, 4096))", coerce: intFlag("max-model-len", 1), requiresArg: true },
+  "cache-blocks": { describe: "latent cache size in 64-token blocks (default: 4 x max-model-len)", coerce: intFlag("cache-blocks", 1), requiresArg: true },
+  "cache-bytes": { describe: "latent cache budget in bytes per rank (instead of --cache-blocks)", coerce: intFlag("cache-bytes", 1), requiresArg: true },
+  "cache-dtype": { type: "string", choices: ["f32", "bf16"], default: "f32", describe: "latent cache precision", requiresArg: true },
+  "max-batch-tokens": { describe: "token budget of one engine step (decode + prefill chunks)", coerce: intFlag("max-batch-tokens", 1), requiresArg: true },
+  "prefill-chunk": { describe: "largest prefill chunk of one sequence per step", coerce: intFlag("prefill-chunk", 1), requiresArg: true },
+  "prefix-caching": { type: "boolean", default: true, describe: "share the cache blocks of common prompt prefixes (--no-prefix-caching to disable)" },
 };
 
 export const mtpOption: Record<string, Options> = {
@@ -157,6 +169,12 @@ export async function loadModel(a: ModelArgs, o: { mtp?: boolean } = {}): Promis
     backend,
     tp: a.tp,
     ...(a.maxModelLen !== undefined && { maxModelLen: a.maxModelLen }),
+    ...(a.cacheBlocks !== undefined && { cacheBlocks: a.cacheBlocks }),
+    ...(a.cacheBytes !== undefined && { cacheBytes: a.cacheBytes }),
+    ...(a.cacheDtype !== undefined && { cacheDtype: a.cacheDtype as "f32" | "bf16" }),
+    ...(a.maxBatchTokens !== undefined && { maxBatchTokens: a.maxBatchTokens }),
+    ...(a.prefillChunk !== undefined && { prefillChunk: a.prefillChunk }),
+    ...(a.prefixCaching !== undefined && { prefixCaching: a.prefixCaching }),
     ...((o.mtp ?? a.mtp) && { speculative: { drafter: "mtp" as const } }),
     onProgress,
   });

@@ -76,6 +76,8 @@ export class DS3 {
     const maxLen = o.maxModelLen ?? Math.min(cfg.maxPositionEmbeddings, 4096);
     const numBlocks = o.cacheBlocks ?? (o.cacheBytes ? Math.floor(o.cacheBytes / perBlock) : Math.max(16, Math.ceil(maxLen / DEFAULT_BLOCK) * 4));
     if (numBlocks < 1) throw new Error(`the cache budget holds no block (one block needs ${perBlock} bytes)`);
+    if (o.maxModelLen !== undefined && o.maxModelLen > numBlocks * DEFAULT_BLOCK)
+      throw new Error(`max model length ${o.maxModelLen} exceeds what the cache holds (${numBlocks} blocks x ${DEFAULT_BLOCK} = ${numBlocks * DEFAULT_BLOCK} tokens): raise the cache budget or lower the max model length`);
     const cache: CacheSpec = { numBlocks, blockSize: DEFAULT_BLOCK, dtype };
     o.onProgress?.(`loading ${builtin ? "the built-in tiny model" : dir} on ${o.backend.name}${tp > 1 ? ` x${tp} ranks` : ""}`);
     const backendOptions = { ...o.backendOptions, precision: { ...o.backendOptions?.precision, ...o.precision, cache: dtype } };
