@@ -5,7 +5,7 @@ import { join, resolve } from "node:path";
 import type { Argv, Options } from "yargs";
 import { DS3, SamplingError, type SamplingParams, Tokenizer, builtinModelDir, loadConfig, validateSampling } from "@ds3/core";
 import { getBackend } from "./backends.js";
-import { UsageError, fmtBytes, notice } from "./ui.js";
+import { ProgressBar, UsageError, fmtBytes, notice } from "./ui.js";
 
 export interface GlobalArgs {
   verbose?: boolean;
@@ -158,6 +158,7 @@ export async function loadModel(a: ModelArgs, o: { mtp?: boolean } = {}): Promis
   if (!dir) builtinNotice();
   const t0 = performance.now();
   let size = dir ? checkpointBytes(dir) : 0;
+  let bar: ProgressBar | undefined;
   const onProgress = (m: string) => {
     if (m.startsWith("loading")) {
       if (!dir) size = checkpointBytes(builtinModelDir());
@@ -177,7 +178,12 @@ export async function loadModel(a: ModelArgs, o: { mtp?: boolean } = {}): Promis
     ...(a.prefixCaching !== undefined && { prefixCaching: a.prefixCaching }),
     ...((o.mtp ?? a.mtp) && { speculative: { drafter: "mtp" as const } }),
     onProgress,
+    onWeights: (done, total) => {
+      bar ??= new ProgressBar("loading weights", total);
+      bar.update(done);
+    },
   });
+  bar?.finish();
   const tok = ds3.tokenizer;
   notice(
     `loaded ${ds3.modelName} in ${((performance.now() - t0) / 1000).toFixed(1)} s on ${ds3.executor.backendName}${a.tp > 1 ? ` x${a.tp}` : ""}` +

@@ -60,6 +60,8 @@ export interface ModelLoadOptions {
   backendOptions?: BackendOptions;
   cache: CacheSpec;
   mtp?: boolean;
+  /** progress of reading this rank's weights: (bytes read, bytes of the whole checkpoint) */
+  onWeights?: (done: number, total: number) => void;
 }
 
 export function loadConfig(dir: string): ModelConfig {
@@ -92,8 +94,11 @@ export class LocalExecutor implements Executor {
     const cfg = loadConfig(dir);
     this.ctx = opts.backend.create(opts.backendOptions);
     const ck = Checkpoint.open(dir);
+    const total = opts.onWeights ? ck.names().reduce((a, n) => a + ck.info(n).nbytes, 0) : 0;
+    let done = 0;
+    const onRead = opts.onWeights ? (b: number) => opts.onWeights!((done += b), total) : undefined;
     try {
-      this.model = new Transformer(this.ctx, ck, cfg, { mtp: opts.mtp });
+      this.model = new Transformer(this.ctx, ck, cfg, { mtp: opts.mtp, onRead });
     } finally {
       ck.close();
     }

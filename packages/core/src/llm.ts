@@ -29,6 +29,8 @@ export interface LoadOptions {
   speculative?: { drafter: "mtp" | Drafter; k?: number };
   precision?: Partial<Precision>;
   onProgress?: (message: string) => void;
+  /** weights read so far (bytes) of the whole checkpoint; at --tp 1 (ranks load in parallel workers) */
+  onWeights?: (done: number, total: number) => void;
 }
 
 export interface CompletionRequest {
@@ -83,7 +85,7 @@ export class DS3 {
     const backendOptions = { ...o.backendOptions, precision: { ...o.backendOptions?.precision, ...o.precision, cache: dtype } };
     const executor: Executor =
       tp === 1
-        ? new LocalExecutor(dir, { backend: o.backend, backendOptions, cache, mtp })
+        ? new LocalExecutor(dir, { backend: o.backend, backendOptions, cache, mtp, onWeights: o.onWeights })
         : await RankExecutor.create(dir, { backendPackage: backendEntry(o.backend), backendOptions, cache, mtp, worldSize: tp });
     let tokenizer: Tokenizer | null = null;
     // a checkpoint without tokenizer files gets the DeepSeek-V3 tokenizer only if the vocabularies fit

@@ -43,6 +43,8 @@ export class WeightLoader implements WeightSource {
   constructor(
     readonly ck: Checkpoint,
     readonly r: RankInfo,
+    /** called with the bytes of each tensor (or slice) read, for progress bars */
+    readonly onRead?: (bytes: number) => void,
   ) {}
 
   has(name: string): boolean {
@@ -63,6 +65,7 @@ export class WeightLoader implements WeightSource {
     if (split === "rows" && ws > 1) slice.rows = [(rank * R) / ws, ((rank + 1) * R) / ws];
     if (split === "cols" && ws > 1) slice.cols = [(rank * C) / ws, ((rank + 1) * C) / ws];
     const t: HostTensor = shape.length === 1 ? this.ck.read(name) : this.ck.readSlice(name, slice);
+    this.onRead?.(t.data.length);
     const rows = slice.rows ? slice.rows[1] - slice.rows[0] : R;
     const cols = slice.cols ? slice.cols[1] - slice.cols[0] : C;
     const w: HostWeight = { name, dtype, shape: [rows, cols], data: t.data };
@@ -286,6 +289,8 @@ export interface TransformerOptions {
   rank?: RankInfo;
   /** load the MTP block (default: when the checkpoint has one) */
   mtp?: boolean;
+  /** progress of reading weights: bytes read so far */
+  onRead?: (bytes: number) => void;
 }
 
 export class Transformer {
@@ -311,7 +316,7 @@ export class Transformer {
   ) {
     this.rank = opts.rank ?? { rank: 0, worldSize: 1 };
     checkParallel(cfg, this.rank.worldSize);
-    this.loader = source instanceof Checkpoint ? new WeightLoader(source, this.rank) : source;
+    this.loader = source instanceof Checkpoint ? new WeightLoader(source, this.rank, opts.onRead) : source;
     const rf = ropeFrequencies(cfg);
     this.invFreq = rf.invFreq;
     this.attnFactor = rf.attnFactor;
