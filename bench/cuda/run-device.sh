@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs the GPU checks and the ds3-4L benchmark on a GPU machine (no Node, no registry there).
+# Prepare here:  bash ../shared/tools/device-carry.sh && pnpm --filter @ds3/backend-cuda build && \
+#                pnpm --filter @ds3/backend-cuda bundle:gpu   (+ the CPU reference addon, see NOTES.md)
+# Carry: .device packages/backend-cuda/build/Release packages/backend-cuda/build/gpu packages/backend-cuda/build/build
+#   bash bench/cuda/run-device.sh [check] [bench] [sanitizer] [ncu]
+set -uo pipefail
+OUT=${OUT:-/tmp/ds3-out}
+mkdir -p "$OUT"
+source .device/setup.sh >/dev/null
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
+stages=${*:-check bench sanitizer}
+for s in $stages; do
+  echo "=== $s $(date +%T)"
+  case $s in
+    check) timeout 170 node scripts/gpu-check.mjs --json "$OUT/check.json" 2>&1 | tee "$OUT/check.log" | grep -v '^PASS' | tail -45 ;;
+    quick) timeout 120 node scripts/gpu-check.mjs --quick --json "$OUT/check.json" 2>&1 | tee "$OUT/check.log" | grep -v '^PASS' | tail -45 ;;
+    bench) timeout 280 node bench/cuda/ds3-4L.mjs --out "$OUT/ds3-4L-h100.json" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+    sanitizer) timeout 200 compute-sanitizer --tool memcheck --print-limit 10 node scripts/gpu-check.mjs --quick 2>&1 | tee "$OUT/sanitizer.log" | grep -E "ERROR SUMMARY|Invalid|FAIL|ALL PASS|FAILED|=========" | head -30 ;;
+    racecheck) timeout 240 compute-sanitizer --tool racecheck --print-limit 10 node scripts/gpu-check.mjs --quick 2>&1 | tee "$OUT/racecheck.log" | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|hazard|FAIL|ALL PASS|FAILED" | head -20 ;;
+    micro) timeout 120 node bench/cuda/ds3-4L.mjs --micro --only micro 2>&1 | tee "$OUT/micro.log" | tail -40 ;;
+    ncu) timeout 300 ncu --clock-control none --kernel-name-base mangled -k regex:'tc_kernelILb1ELb0E|gemv_kernelILi0ELi1E|mla_absorb_vec|mla_attn_tc' -c 24 --section SpeedOfLight --section Occupancy --section LaunchStats node bench/cuda/ds3-4L.mjs --micro --only micro --reps 1 > "$OUT/ncu.log" 2>&1; grep -E "^  _Z|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Grid Size" "$OUT/ncu.log" | sed -E 's/ +/ /g' | cut -c1-110 | head -150 ;;
+  esac
+done
+echo "=== done $(date +%T)"

@@ -1,0 +1,377 @@
+#!/usr/bin/env node
+// GPU checks of @ds3/backend-cuda, run with plain `node` on a GPU machine over the bundled JS
+// (packages/backend-cuda/build/gpu/ds3.js, made by `pnpm --filter @ds3/backend-cuda bundle:gpu`).
+//
+//   node scripts/gpu-check.mjs [--quick] [--backend cuda|cpu] [--json out.json]
+//
+// exact mode (fp32 activations and cache, no TF32), against test/fixtures/*/golden.*:
+//   logits at every position of every prompt within 1e-3; greedy continuations (up to the first
+//   step whose reference margin is below 1e-3); MTP logits; incremental decode = recompute;
+//   batching invariance (prefill and decode).
+// every mode: each op against the CPU backend emulating the same precision on identical inputs
+//   (max normwise error per op, with the bound stated below), and end-to-end cosine / KL against the
+//   golden logits (reported, not gated, for the fast modes).
+// --backend cpu runs the same golden checks on the CPU backend (checks the harness without a GPU).
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const bundle = join(root, "packages/backend-cuda/build/gpu/ds3.js");
+if (!existsSync(bundle)) {
+  console.error(`missing ${bundle}: run \`pnpm --filter @ds3/backend-cuda bundle:gpu\` first`);
+  process.exit(2);
+}
+const ds3 = await import(bundle);
+const { Checkpoint, parseConfig, Transformer, cuda, cpu } = ds3;
+
+const args = process.argv.slice(2);
+const quick = args.includes("--quick");
+const backendName = args.includes("--backend") ? args[args.indexOf("--backend") + 1] : "cuda";
+const jsonOut = args.includes("--json") ? args[args.indexOf("--json") + 1] : null;
+const TOL = 1e-3;
+// stated per-op bounds (normwise ||cuda - cpu|| / ||cpu||) on identical inputs
+const OP_BOUND = { exact: 1e-5, bf16: 1e-2, "bf16+fp8": 3e-2, "f32+fp8": 3e-2 };
+const MODES = {
+  exact: { activations: "f32", cache: "f32", actQuant: "none" },
+  bf16: { activations: "bf16", cache: "bf16", actQuant: "none" },
+  "bf16+fp8": { activations: "bf16", cache: "bf16", actQuant: "fp8" },
+  "f32+fp8": { activations: "f32", cache: "f32", actQuant: "fp8" },
+};
+
+const results = { backend: backendName, checks: [], ops: {}, fast: {} };
+let failures = 0;
+function check(name, ok, detail) {
+  results.checks.push({ name, ok, ...detail });
+  if (!ok) failures++;
+  console.log(`${ok ? "PASS" : "FAIL"}  ${name}  ${JSON.stringify(detail)}`);
+}
+
+const provider = backendName === "cpu" ? cpu : cuda;
+const av = provider.available();
+console.log(`backend ${backendName}: ${JSON.stringify(av)}`);
+if (!av.ok) {
+  console.log(`SKIP: ${av.reason}`);
+  process.exit(backendName === "cuda" ? 3 : 1);
+}
+
+// ---- helpers ----------------------------------------------------------------------------------------
+function loadFixture(name) {
+  const dir = join(root, "test/fixtures", name);
+  const cfg = parseConfig(JSON.parse(readFileSync(join(dir, "config.json"), "utf8")), join(dir, "config.json"));
+  const golden = JSON.parse(readFileSync(join(dir, "golden.json"), "utf8"));
+  const buf = readFileSync(join(dir, "golden.f32"));
+  const f32 = new Float32Array(buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength));
+  return { name, dir, cfg, golden, f32 };
+}
+const iota = (n, s = 0) => Int32Array.from({ length: n }, (_, i) => i + s);
+const BS = 16;
+const MAXB = 32; // blocks per sequence (512 positions)
+function meta(positions, seqIdx, nSeq) {
+  const bt = new Int32Array(nSeq * MAXB);
+  for (let s = 0; s < nSeq; s++) for (let j = 0; j < MAXB; j++) bt[s * MAXB + j] = s * MAXB + j;
+  return { positions: Int32Array.from(positions), seqIdx: Int32Array.from(seqIdx), blockTables: bt, maxBlocks: MAXB };
+}
+function maxAbsDiff(a, b) {
+  let m = 0;
+  for (let i = 0; i < a.length; i++) {
+    const d = Math.abs(a[i] - b[i]);
+    if (!(d <= m)) m = Number.isNaN(d) ? Infinity : d;
+  }
+  return m;
+}
+function normErr(a, b) {
+  let num = 0, den = 0;
+  for (let i = 0; i < a.length; i++) {
+    const d = a[i] - b[i];
+    num += d * d;
+    den += b[i] * b[i];
+  }
+  if (Number.isNaN(num)) return Infinity;
+  return Math.sqrt(num) / Math.max(Math.sqrt(den), 1e-30);
+}
+function argmaxRow(a, off, n) {
+  let bi = 0, bv = -Infinity;
+  for (let i = 0; i < n; i++) if (a[off + i] > bv) (bv = a[off + i]), (bi = i);
+  return bi;
+}
+function cosKl(ours, ref, rows, V) {
+  let minCos = 1, sumCos = 0, maxKl = 0, sumKl = 0, agree = 0;
+  for (let r = 0; r < rows; r++) {
+    let dot = 0, na = 0, nb = 0, ma = -Infinity, mb = -Infinity;
+    for (let i = 0; i < V; i++) {
+      const a = ours[r * V + i], b = ref[r * V + i];
+      dot += a * b;
+      na += a * a;
+      nb += b * b;
+      ma = Math.max(ma, a);
+      mb = Math.max(mb, b);
+    }
+    const cos = dot / Math.sqrt(na * nb);
+    let za = 0, zb = 0;
+    for (let i = 0; i < V; i++) {
+      za += Math.exp(ours[r * V + i] - ma);
+      zb += Math.exp(ref[r * V + i] - mb);
+    }
+    let kl = 0;
+    for (let i = 0; i < V; i++) {
+      const lp = ref[r * V + i] - mb - Math.log(zb);
+      const lq = ours[r * V + i] - ma - Math.log(za);
+      kl += Math.exp(lp) * (lp - lq);
+    }
+    minCos = Math.min(minCos, cos);
+    sumCos += cos;
+    maxKl = Math.max(maxKl, kl);
+    sumKl += kl;
+    if (argmaxRow(ours, r * V, V) === argmaxRow(ref, r * V, V)) agree++;
+  }
+  return { minCos, meanCos: sumCos / rows, maxKl, meanKl: sumKl / rows, top1Agree: agree / rows };
+}
+
+function newModel(fx, precision, ctxWrap) {
+  let ctx = provider.create({ precision });
+  if (ctxWrap) ctx = ctxWrap(ctx, precision);
+  const ck = Checkpoint.open(fx.dir);
+  const model = new Transformer(ctx, ck, fx.cfg);
+  ck.close();
+  model.allocCache(2 * MAXB, BS, precision.cache);
+  return { ctx, model };
+}
+
+/** prefill one sequence; returns logits of every position and the hidden states (valid until the next step) */
+function prefill(m, ids, seq = 0, start = 0) {
+  m.ctx.beginStep();
+  const L = ids.length;
+  const r = m.model.forward(Int32Array.from(ids), meta(iota(L, start), new Int32Array(L).fill(seq), seq + 1), iota(L));
+  return r;
+}
+
+// ---- op-level comparison against the CPU backend ------------------------------------------------------
+/** wraps a CUDA context: every op also runs on the CPU backend on the same (downloaded) inputs */
+function checking(cu, precision, stats) {
+  const cp = cpu.create({ precision, threads: 8 });
+  const T = (x) => cp.upload(cu.download(x), x.shape);
+  const rec = (name, got, ref) => {
+    const a = cu.download(got);
+    const b = cp.download(ref);
+    const e = normErr(a, b);
+    const s = (stats[name] ??= { calls: 0, maxNormErr: 0, maxAbs: 0 });
+    s.calls++;
+    s.maxNormErr = Math.max(s.maxNormErr, e);
+    s.maxAbs = Math.max(s.maxAbs, maxAbsDiff(a, b));
+    return got;
+  };
+  const W = new Map();
+  const wrapW = (hw) => {
+    const a = cu.weight(hw);
+    W.set(a, cp.weight(hw));
+    return a;
+  };
+  const caches = new Map();
+  const sets = new Map();
+  return {
+    get name() { return cu.name; },
+    get precision() { return cu.precision; },
+    get device() { return cu.device; },
+    weight: wrapW,
+    expertSet(first, list) {
+      const a = cu.expertSet(first, list);
+      sets.set(a, cp.expertSet(first, list.map((e) => ({ w1: W.get(e.w1), w2: W.get(e.w2), w3: W.get(e.w3) }))));
+      return a;
+    },
+    upload: (d, s) => cu.upload(d, s),
+    download: (x) => cu.download(x),
+    createCache(l, nb, bs, w, dt) {
+      const a = cu.createCache(l, nb, bs, w, dt);
+      caches.set(a, cp.createCache(l, nb, bs, w, dt));
+      return a;
+    },
+    readCache: (c, l, s, n) => cu.readCache(c, l, s, n),
+    beginStep() { cu.beginStep(); cp.beginStep(); },
+    embed: (t, ids, vs) => rec("embed", cu.embed(t, ids, vs), cp.embed(W.get(t), ids, vs)),
+    rmsNorm: (x, w, eps) => rec("rmsNorm", cu.rmsNorm(x, w, eps), cp.rmsNorm(T(x), W.get(w), eps)),
+    linear: (x, w) => rec(`linear ${w.dtype} x${x.shape[0] <= 8 ? "few" : x.shape[0] <= 64 ? "some" : "many"}`, cu.linear(x, w), cp.linear(T(x), W.get(w))),
+    add: (a, b) => rec("add", cu.add(a, b), cp.add(T(a), T(b))),
+    siluMul: (a, b) => rec("siluMul", cu.siluMul(a, b), cp.siluMul(T(a), T(b))),
+    concat: (a, b) => rec("concat", cu.concat(a, b), cp.concat(T(a), T(b))),
+    slice: (x, c0, c1) => rec("slice", cu.slice(x, c0, c1), cp.slice(T(x), c0, c1)),
+    rows: (x, r) => rec("rows", cu.rows(x, r), cp.rows(T(x), r)),
+    rope: (x, ...a) => rec("rope", cu.rope(x, ...a), cp.rope(T(x), ...a)),
+    mla(q, kv, pe, w, cache, layer, m, d) {
+      const qa = T(q), kva = T(kv), pea = T(pe);
+      return rec(`mla x${q.shape[0] <= 8 ? "few" : "many"}`, cu.mla(q, kv, pe, w, cache, layer, m, d), cp.mla(qa, kva, pea, W.get(w), caches.get(cache), layer, m, d));
+    },
+    moeGate(x, g, bias, c) {
+      const got = cu.moeGate(x, g, bias, c);
+      const ref = cp.moeGate(T(x), W.get(g), bias, c);
+      // compare weights; ids must match exactly
+      const a = cu.download(got), b = cp.download(ref);
+      let idMismatch = 0;
+      const k = c.topk;
+      for (let r = 0; r < a.length / (2 * k); r++) {
+        const sa = new Set(Array.from(a.subarray(r * 2 * k + k, r * 2 * k + 2 * k)));
+        for (const v of b.subarray(r * 2 * k + k, r * 2 * k + 2 * k)) if (!sa.has(v)) idMismatch++;
+      }
+      const s = (stats.moeGate ??= { calls: 0, maxNormErr: 0, maxAbs: 0, idMismatch: 0 });
+      s.calls++;
+      s.idMismatch += idMismatch;
+      if (idMismatch === 0) {
+        s.maxNormErr = Math.max(s.maxNormErr, normErr(a, b));
+        s.maxAbs = Math.max(s.maxAbs, maxAbsDiff(a, b));
+      }
+      return got;
+    },
+    moeExperts: (x, e, r, k) => rec(`moeExperts x${x.shape[0] <= 8 ? "few" : x.shape[0] <= 64 ? "some" : "many"}`, cu.moeExperts(x, e, r, k), cp.moeExperts(T(x), sets.get(e), T(r), k)),
+    allReduce: (x) => x,
+    allGatherCols: (x) => x,
+    dispose() { cu.dispose(); cp.dispose(); },
+  };
+}
+
+// ---- golden checks (exact mode) -------------------------------------------------------------------------
+function goldenChecks(fx) {
+  const V = fx.cfg.vocabSize;
+  const m = newModel(fx, MODES.exact);
+  const prompts = quick ? fx.golden.prompts.filter((p) => p.ids.length === 7 || p.ids.length === 40) : fx.golden.prompts;
+  for (const p of prompts) {
+    const L = p.ids.length;
+    const ref = fx.f32.subarray(p.logits_offset / 4, p.logits_offset / 4 + L * V);
+    const r = prefill(m, p.ids);
+    const got = r.logits;
+    check(`${fx.name} L=${L} logits (all positions)`, maxAbsDiff(got, ref) <= TOL, { maxAbs: maxAbsDiff(got, ref) });
+    if (p.mtp_logits_offset !== undefined && m.model.mtp && L > 1) {
+      const mref = fx.f32.subarray(p.mtp_logits_offset / 4, p.mtp_logits_offset / 4 + (L - 1) * V);
+      const h = m.ctx.rows(r.hidden, iota(L - 1));
+      const mm = meta(iota(L - 1), new Int32Array(L - 1), 1);
+      const mg = m.model.forwardMtp(h, Int32Array.from(p.ids.slice(1)), mm, iota(L - 1)).logits;
+      check(`${fx.name} L=${L} MTP logits`, maxAbsDiff(mg, mref) <= TOL, { maxAbs: maxAbsDiff(mg, mref) });
+    }
+    // greedy continuation with the KV cache
+    let next = argmaxRow(got, (L - 1) * V, V);
+    let ok = true, compared = 0, firstBad = -1;
+    for (let i = 0; i < p.greedy.length; i++) {
+      if (p.greedy_margins[i] < 1e-3) break;
+      compared++;
+      if (next !== p.greedy[i]) {
+        ok = false;
+        firstBad = i;
+        break;
+      }
+      if (i + 1 === p.greedy.length) break;
+      m.ctx.beginStep();
+      const lg = m.model.forward(Int32Array.of(next), meta([L + i], [0], 1), Int32Array.of(0)).logits;
+      next = argmaxRow(lg, 0, V);
+    }
+    check(`${fx.name} L=${L} greedy`, ok, { compared, of: p.greedy.length, firstBad });
+  }
+  // incremental decode = recompute
+  {
+    const p = fx.golden.prompts.find((q) => q.ids.length === 40) ?? fx.golden.prompts[fx.golden.prompts.length - 1];
+    const L = p.ids.length, h = Math.floor(L / 2);
+    const full = prefill(m, p.ids).logits;
+    const inc = new Float32Array(L * V);
+    inc.set(prefill(m, p.ids.slice(0, h)).logits);
+    for (let i = h; i < L; i++) {
+      m.ctx.beginStep();
+      inc.set(m.model.forward(Int32Array.of(p.ids[i]), meta([i], [0], 1), Int32Array.of(0)).logits, i * V);
+    }
+    check(`${fx.name} incremental decode = recompute (L=${L})`, maxAbsDiff(inc, full) <= 1e-4, { maxAbs: maxAbsDiff(inc, full) });
+  }
+  // batching invariance: two sequences in one step vs alone (prefill, then batched decode)
+  {
+    const A = fx.golden.prompts.find((q) => q.ids.length === 7).ids;
+    const B = fx.golden.prompts.find((q) => q.ids.length === 40).ids;
+    const alone = [prefill(m, A, 0).logits, prefill(m, B, 1).logits];
+    m.ctx.beginStep();
+    const ids = Int32Array.from([...A, ...B]);
+    const mb = meta([...iota(A.length), ...iota(B.length)], [...new Array(A.length).fill(0), ...new Array(B.length).fill(1)], 2);
+    const both = m.model.forward(ids, mb, iota(ids.length)).logits;
+    const e1 = Math.max(maxAbsDiff(both.subarray(0, A.length * V), alone[0]), maxAbsDiff(both.subarray(A.length * V), alone[1]));
+    check(`${fx.name} batching invariance (prefill 7 + 40)`, e1 <= 1e-4, { maxAbs: e1 });
+    // decode: both sequences one token each, batched vs alone
+    const nA = argmaxRow(alone[0], (A.length - 1) * V, V), nB = argmaxRow(alone[1], (B.length - 1) * V, V);
+    m.ctx.beginStep();
+    const d2 = m.model.forward(Int32Array.of(nA, nB), meta([A.length, B.length], [0, 1], 2), iota(2)).logits;
+    m.ctx.beginStep();
+    const dA = m.model.forward(Int32Array.of(nA), meta([A.length], [0], 2), iota(1)).logits;
+    m.ctx.beginStep();
+    const dB = m.model.forward(Int32Array.of(nB), meta([B.length], [1], 2), iota(1)).logits;
+    const e2 = Math.max(maxAbsDiff(d2.subarray(0, V), dA), maxAbsDiff(d2.subarray(V), dB));
+    check(`${fx.name} batching invariance (decode 2 sequences)`, e2 <= 1e-4, { maxAbs: e2 });
+  }
+  m.ctx.dispose();
+}
+
+// ---- all modes: op level vs CPU, end to end vs golden -----------------------------------------------------
+function modeChecks(fx, modeName) {
+  const precision = MODES[modeName];
+  const V = fx.cfg.vocabSize;
+  const stats = {};
+  const opCheck = backendName === "cuda" || args.includes("--selfcheck");
+  const m = newModel(fx, precision, opCheck ? (c, pr) => checking(c, pr, stats) : undefined);
+  const p = fx.golden.prompts.find((q) => q.ids.length === 40);
+  const long = fx.golden.prompts.find((q) => q.ids.length === 300);
+  if (long) prefill(m, long.ids); // many rows: the tiled/tensor-core kernels and grouped experts
+  const r = prefill(m, p.ids);
+  // a few decode steps exercise the few-row kernels
+  let next = argmaxRow(r.logits, (p.ids.length - 1) * V, V);
+  for (let i = 0; i < 3; i++) {
+    m.ctx.beginStep();
+    next = argmaxRow(m.model.forward(Int32Array.of(next), meta([p.ids.length + i], [0], 1), Int32Array.of(0)).logits, 0, V);
+  }
+  if (m.model.mtp) {
+    m.ctx.beginStep();
+    const rr = prefill(m, p.ids);
+    const L = p.ids.length;
+    m.model.forwardMtp(m.ctx.rows(rr.hidden, iota(L - 1)), Int32Array.from(p.ids.slice(1)), meta(iota(L - 1), new Int32Array(L - 1), 1), iota(L - 1));
+  }
+  m.ctx.dispose();
+  const bound = OP_BOUND[modeName];
+  const worst = Object.entries(stats).reduce((a, [k, s]) => (s.maxNormErr > a[1] ? [k, s.maxNormErr] : a), ["", 0]);
+  const gateIds = stats.moeGate?.idMismatch ?? 0;
+  results.ops[`${fx.name} ${modeName}`] = stats;
+  if (opCheck)
+    check(`${fx.name} ${modeName}: every op within ${bound} (normwise) of the CPU backend on identical inputs`, worst[1] <= bound && gateIds === 0, {
+      worstOp: worst[0],
+      worst: worst[1],
+      routingIdMismatches: gateIds,
+    });
+  // end to end vs golden (all prompts, all positions)
+  const m2 = newModel(fx, precision);
+  const agg = [];
+  for (const q of quick ? [p] : fx.golden.prompts) {
+    const L = q.ids.length;
+    const got = prefill(m2, q.ids).logits;
+    agg.push({ L, ...cosKl(got, fx.f32.subarray(q.logits_offset / 4, q.logits_offset / 4 + L * V), L, V), maxAbs: maxAbsDiff(got, fx.f32.subarray(q.logits_offset / 4, q.logits_offset / 4 + L * V)) });
+  }
+  m2.ctx.dispose();
+  results.fast[`${fx.name} ${modeName}`] = agg;
+  console.log(`INFO  ${fx.name} ${modeName} vs golden: ${agg.map((a) => `L=${a.L} minCos=${a.minCos.toFixed(5)} meanKL=${a.meanKl.toExponential(2)} maxKL=${a.maxKl.toExponential(2)} top1=${(100 * a.top1Agree).toFixed(1)}% maxAbs=${a.maxAbs.toFixed(4)}`).join(" | ")}`);
+  if (modeName === "exact") check(`${fx.name} exact: golden within ${TOL}`, agg.every((a) => a.maxAbs <= TOL), { maxAbs: Math.max(...agg.map((a) => a.maxAbs)) });
+}
+
+// ---- run ----------------------------------------------------------------------------------------------------
+const t0 = Date.now();
+for (const name of ["tiny-v3", "tiny-v3-bf16"]) {
+  const fx = loadFixture(name);
+  try {
+    goldenChecks(fx);
+  } catch (e) {
+    check(`${name} golden checks ran`, false, { error: String(e?.stack ?? e) });
+  }
+  for (const mode of quick ? ["exact", "bf16+fp8"] : Object.keys(MODES)) {
+    try {
+      modeChecks(fx, mode);
+    } catch (e) {
+      check(`${name} ${mode} checks ran`, false, { error: String(e?.stack ?? e) });
+    }
+  }
+}
+results.seconds = (Date.now() - t0) / 1000;
+console.log("\nper-op normwise error vs the CPU backend (max over calls):");
+for (const [k, st] of Object.entries(results.ops)) {
+  console.log(`  ${k}: ${Object.entries(st).map(([op, s]) => `${op}=${s.maxNormErr.toExponential(1)}${s.idMismatch ? `(ids!${s.idMismatch})` : ""}`).join(" ")}`);
+}
+console.log(`\n${failures === 0 ? "ALL PASS" : `${failures} FAILED`} (${results.checks.length} checks, ${results.seconds.toFixed(1)} s)`);
+if (jsonOut) writeFileSync(jsonOut, JSON.stringify(results, null, 1));
+process.exit(failures === 0 ? 0 : 1);
