@@ -205,6 +205,15 @@ export function createServer(opts: ServerOptions): Ds3Server {
     return v;
   }
 
+  /** Start a server-sent-events response; `chunk` wraps one choice in the OpenAI chunk envelope. */
+  function openStream(res: ServerResponse, id: string, object: string, model: string, includeUsage: boolean | undefined) {
+    res.writeHead(200, { "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", Connection: "keep-alive", "X-Accel-Buffering": "no" });
+    res.flushHeaders();
+    const out = sse(res);
+    const chunk = (choice: object) => ({ id, object, created: Math.floor(Date.now() / 1000), model, choices: [choice], ...(includeUsage && { usage: null }) });
+    return { out, chunk };
+  }
+
   /** An SSE writer that respects backpressure and goes quiet once the client is gone. */
   function sse(res: ServerResponse) {
     let open = true;
@@ -477,17 +486,7 @@ export function createServer(opts: ServerOptions): Ds3Server {
       const results: ChoiceResult[] = [];
       try {
         if (r.stream) {
-          res.writeHead(200, { "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", Connection: "keep-alive", "X-Accel-Buffering": "no" });
-          res.flushHeaders();
-          const out = sse(res);
-          const chunk = (choice: object) => ({
-            id,
-            object: "chat.completion.chunk",
-            created: Math.floor(Date.now() / 1000),
-            model: modelName,
-            choices: [choice],
-            ...(r.includeUsage && { usage: null }),
-          });
+          const { out, chunk } = openStream(res, id, "chat.completion.chunk", modelName, r.includeUsage);
           await runAll(req, res, runs, active, async (run) => {
             const st = newState();
             const index = run.spec.index;
@@ -630,17 +629,7 @@ export function createServer(opts: ServerOptions): Ds3Server {
       const results: ChoiceResult[] = [];
       try {
         if (r.stream) {
-          res.writeHead(200, { "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", Connection: "keep-alive", "X-Accel-Buffering": "no" });
-          res.flushHeaders();
-          const out = sse(res);
-          const chunk = (choice: object) => ({
-            id,
-            object: "text_completion",
-            created: Math.floor(Date.now() / 1000),
-            model: modelName,
-            choices: [choice],
-            ...(r.includeUsage && { usage: null }),
-          });
+          const { out, chunk } = openStream(res, id, "text_completion", modelName, r.includeUsage);
           await runAll(req, res, runs, active, async (run) => {
             const index = run.spec.index;
             const pIds = run.spec.promptIds;
