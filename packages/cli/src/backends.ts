@@ -94,8 +94,20 @@ export async function probeAll(): Promise<BackendProbe[]> {
   return out;
 }
 
-/** The backend to run on, or a one-line error that says why it cannot be used. */
+/** Preference of "auto": accelerators first, the CPU last. */
+const AUTO_ORDER = ["cuda", "rocm", "ascend", "cpu"];
+
+/** The backend to run on ("auto": the best one available), or a one-line error that says why it cannot be used. */
 export async function getBackend(name: string): Promise<BackendProvider> {
+  if (name === "auto") {
+    const why: string[] = [];
+    for (const n of AUTO_ORDER) {
+      const p = await probeBackend(n);
+      if (p.ok && p.provider) return p.provider;
+      why.push(`${n}: ${p.reason}`);
+    }
+    throw new UsageError(`no backend is available (${why.join("; ")})`, 1);
+  }
   const p = await probeBackend(name);
   if (!p.provider || !p.ok) {
     const known = Object.keys(KNOWN_BACKENDS).join(", ");

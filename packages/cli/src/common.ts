@@ -49,7 +49,7 @@ export function numFlag(flag: string): (v: unknown) => number | undefined {
 
 export const modelOptions: Record<string, Options> = {
   model: { type: "string", describe: "checkpoint directory (HF layout); default: the built-in tiny model (random weights)", requiresArg: true },
-  backend: { type: "string", default: "cpu", describe: "backend: cpu, cuda, rocm, ascend or a package name (see ds3 inspect)", requiresArg: true },
+  backend: { type: "string", default: "auto", describe: "backend: auto (the best one found), cpu, cuda, rocm, ascend or a package name (see ds3 inspect)", requiresArg: true },
   tp: { default: 1, describe: "tensor/expert parallel ranks (worker threads, one per device)", coerce: intFlag("tp", 1), requiresArg: true },
   "max-model-len": { describe: "longest sequence (prompt + output) in tokens (default: min(model, 4096))", coerce: intFlag("max-model-len", 1), requiresArg: true },
   "cache-blocks": { describe: "latent cache size in 64-token blocks (default: 4 x max-model-len)", coerce: intFlag("cache-blocks", 1), requiresArg: true },
@@ -179,6 +179,8 @@ export async function loadModel(a: ModelArgs, o: { mtp?: boolean } = {}): Promis
     ...((o.mtp ?? a.mtp) && { speculative: { drafter: "mtp" as const } }),
     onProgress,
     onWeights: (done, total) => {
+      // a bar on a terminal; in logs only for checkpoints big enough to take a while
+      if (!bar && !process.stderr.isTTY && total < 2 ** 30) return;
       bar ??= new ProgressBar("loading weights", total);
       bar.update(done);
     },
