@@ -244,6 +244,12 @@ void Cache::write(int64_t layer, int64_t slot, const float* v, int64_t n) {
   else
     std::memcpy(f32.data() + o, v, size_t(n) * 4);
 }
+const float* Cache::row(int64_t layer, int64_t slot, float* tmp) const {
+  size_t o = static_cast<size_t>((layer * slots() + slot) * width);
+  if (!bf16) return f32.data() + o;
+  for (int64_t i = 0; i < width; i++) tmp[i] = bf16_to_f32(b16[o + i]);
+  return tmp;
+}
 void Cache::read(int64_t layer, int64_t slot, float* v, int64_t n) const {
   size_t o = size_t((layer * slots() + slot) * width);
   if (bf16)
@@ -274,43 +280,57 @@ void mla(Pool& p, const Precision& pr, const float* q, const float* kv, const fl
     for (int64_t r = b; r < e; r++) wkv_b.row(r, wb.data() + r * C);
   });
   const int64_t qw = d.nope + d.rope;
-  // 3. attention per (token, head)
-  p.parallel_for(T * d.heads, [&](int64_t b, int64_t e) {
-    std::vector<float> qa(static_cast<size_t>(C)), olat(static_cast<size_t>(C)), row(static_cast<size_t>(W)), sc;
-    for (int64_t th = b; th < e; th++) {
-      int64_t t = th / d.heads, h = th % d.heads;
-      const float* qn = q + t * d.heads * qw + h * qw;
-      const float* qp = qn + d.nope;
-      std::fill(qa.begin(), qa.end(), 0.0f);
-      for (int64_t i = 0; i < d.nope; i++) {
-        const float* wr = wb.data() + (h * hd + i) * C;
-        float a = qn[i];
-        for (int64_t c = 0; c < C; c++) qa[c] += a * wr[c];
-      }
+  // 3. attention per (token, block of heads): each cache row is read once per block of heads
+  const int64_t HB = 8, nhb = (d.heads + HB - 1) / HB;
+  p.parallel_for(T * nhb, [&](int64_t b, int64_t e) {
+    std::vector<float> qa(static_cast<size_t>(HB * C)), olat(static_cast<size_t>(HB * C)), tmp(static_cast<size_t>(W)), sc;
+    std::vector<float> mx(static_cast<size_t>(HB)), sum(static_cast<size_t>(HB));
+    for (int64_t tb = b; tb < e; tb++) {
+      int64_t t = tb / nhb, h0 = (tb % nhb) * HB, nh = std::min(HB, d.heads - h0);
       int64_t s = m.seq_idx[t], P = m.positions[t];
-      sc.resize(static_cast<size_t>(P + 1));
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j <= P; j++) {
-        cache.read(layer, slot_of(s, j), row.data(), W);
-        float v = (dot(qa.data(), row.data(), C) + dot(qp, row.data() + C, R)) * d.scale;
-        sc[j] = v;
-        mx = std::max(mx, v);
+      for (int64_t k = 0; k < nh; k++) {
+        const float* qn = q + t * d.heads * qw + (h0 + k) * qw;
+        float* qk = qa.data() + k * C;
+        std::fill(qk, qk + C, 0.0f);
+        for (int64_t i = 0; i < d.nope; i++) {
+          const float* wr = wb.data() + ((h0 + k) * hd + i) * C;
+          float a = qn[i];
+          for (int64_t c = 0; c < C; c++) qk[c] += a * wr[c];
+        }
+        mx[k] = -std::numeric_limits<float>::infinity();
+        sum[k] = 0;
       }
-      float sum = 0;
+      sc.resize(static_cast<size_t>(nh * (P + 1)));
       for (int64_t j = 0; j <= P; j++) {
-        sc[j] = std::exp(sc[j] - mx);
-        sum += sc[j];
+        const float* row = cache.row(layer, slot_of(s, j), tmp.data());
+        for (int64_t k = 0; k < nh; k++) {
+          const float* qp = q + t * d.heads * qw + (h0 + k) * qw + d.nope;
+          float v = (dot(qa.data() + k * C, row, C) + dot(qp, row + C, R)) * d.scale;
+          sc[k * (P + 1) + j] = v;
+          mx[k] = std::max(mx[k], v);
+        }
       }
-      std::fill(olat.begin(), olat.end(), 0.0f);
+      for (int64_t k = 0; k < nh; k++)
+        for (int64_t j = 0; j <= P; j++) {
+          float& v = sc[k * (P + 1) + j];
+          v = std::exp(v - mx[k]);
+          sum[k] += v;
+        }
+      std::fill(olat.begin(), olat.begin() + nh * C, 0.0f);
       for (int64_t j = 0; j <= P; j++) {
-        cache.read(layer, slot_of(s, j), row.data(), C);
-        float w = sc[j] / sum;
-        for (int64_t c = 0; c < C; c++) olat[c] += w * row[c];
+        const float* row = cache.row(layer, slot_of(s, j), tmp.data());
+        for (int64_t k = 0; k < nh; k++) {
+          float w = sc[k * (P + 1) + j] / sum[k];
+          float* ol = olat.data() + k * C;
+          for (int64_t c = 0; c < C; c++) ol[c] += w * row[c];
+        }
       }
-      float* o = out + t * d.heads * d.v + h * d.v;
-      for (int64_t i = 0; i < d.v; i++) {
-        float v = dot(olat.data(), wb.data() + (h * hd + d.nope + i) * C, C);
-        o[i] = pr.act_bf16 ? round_bf16(v) : v;
+      for (int64_t k = 0; k < nh; k++) {
+        float* o = out + t * d.heads * d.v + (h0 + k) * d.v;
+        for (int64_t i = 0; i < d.v; i++) {
+          float v = dot(olat.data() + k * C, wb.data() + ((h0 + k) * hd + d.nope + i) * C, C);
+          o[i] = pr.act_bf16 ? round_bf16(v) : v;
+        }
       }
     }
   });

@@ -91,6 +91,8 @@ struct Cache {
   int64_t slots() const { return num_blocks * block_size; }
   void write(int64_t layer, int64_t slot, const float* v, int64_t n);
   void read(int64_t layer, int64_t slot, float* v, int64_t n) const;
+  /** one slot's values: a pointer into the cache (fp32) or converted into tmp (bf16, width floats) */
+  const float* row(int64_t layer, int64_t slot, float* tmp) const;
 };
 
 struct AttnMeta {
