@@ -11,6 +11,10 @@
 // every mode: each op against the CPU backend emulating the same precision on identical inputs
 //   (max normwise error per op, with the bound stated below), and end-to-end cosine / KL against the
 //   golden logits (reported, not gated, for the fast modes).
+// cuda only: CUDA-graph replay of decode steps equals eager execution bitwise (exact and bf16+fp8, batch
+//   1/2/8/32, across a context bucket); device sampling (temperature/top-k/top-p/min-p) picks the same ids
+//   as @ds3/core's Sampler for the same uniform draws; long-K FP8 GEMVs (K >= 4096, every launch variant)
+//   against the CPU backend.
 // --backend cpu runs the same golden checks on the CPU backend (checks the harness without a GPU).
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -23,7 +27,7 @@ if (!existsSync(bundle)) {
   process.exit(2);
 }
 const ds3 = await import(bundle);
-const { Checkpoint, parseConfig, Transformer, cuda, cpu } = ds3;
+const { Checkpoint, parseConfig, Transformer, cuda, cpu, Sampler, Rng } = ds3;
 
 const args = process.argv.slice(2);
 const quick = args.includes("--quick");
@@ -128,8 +132,8 @@ function cosKl(ours, ref, rows, V) {
   return { minCos, meanCos: sumCos / rows, maxKl, meanKl: sumKl / rows, top1Agree: agree / rows };
 }
 
-function newModel(fx, precision, ctxWrap) {
-  let ctx = provider.create({ precision });
+function newModel(fx, precision, ctxWrap, extra = {}) {
+  let ctx = provider.create({ precision, ...extra });
   if (ctxWrap) ctx = ctxWrap(ctx, precision);
   const ck = Checkpoint.open(fx.dir);
   const model = new Transformer(ctx, ck, fx.cfg);
@@ -350,8 +354,164 @@ function modeChecks(fx, modeName) {
   if (modeName === "exact") check(`${fx.name} exact: golden within ${TOL}`, agg.every((a) => a.maxAbs <= TOL), { maxAbs: Math.max(...agg.map((a) => a.maxAbs)) });
 }
 
+// ---- CUDA graphs: replayed steps equal eager steps bitwise --------------------------------------------------
+function graphChecks(fx, modeName) {
+  const precision = MODES[modeName];
+  const V = fx.cfg.vocabSize;
+  const p40 = fx.golden.prompts.find((q) => q.ids.length === 40).ids;
+  const p7 = fx.golden.prompts.find((q) => q.ids.length === 7).ids;
+  const run = (graphs) => {
+    const m = newModel(fx, precision, undefined, { graphs });
+    const logs = [];
+    const idsOut = [];
+    prefill(m, p40, 0);
+    prefill(m, p7, 1);
+    // one sequence, 14 steps from position 120: crosses the 128-position context bucket
+    let next = 3;
+    for (let i = 0; i < 14; i++) {
+      m.ctx.beginStep();
+      const lg = m.model.forward(Int32Array.of(next), meta([120 + i], [0], 2), Int32Array.of(0)).logits;
+      logs.push(lg);
+      next = argmaxRow(lg, 0, V);
+    }
+    // two sequences per step, 6 steps
+    for (let i = 0; i < 6; i++) {
+      m.ctx.beginStep();
+      logs.push(m.model.forward(Int32Array.of(5 + i, 9 + i), meta([40 + i, 7 + i], [0, 1], 2), iota(2)).logits);
+    }
+    // batch 8 and 32 (tensor-core paths in the fast modes), sequences spread over both block tables;
+    // greedy ids on the device (argmax is recorded with the step)
+    for (const B of [8, 32]) {
+      for (let i = 0; i < 5; i++) {
+        m.ctx.beginStep();
+        const ids = Int32Array.from({ length: B }, (_, j) => (17 * j + 3 * i) % V);
+        const mm = meta(Array.from({ length: B }, (_, j) => 200 + 4 * j + i), Array.from({ length: B }, (_, j) => j % 2), 2);
+        let h = m.ctx.embed(m.model.embed, ids, 0);
+        for (const b of m.model.layers) h = b.forward(h, mm);
+        const logits = m.ctx.linear(m.ctx.rmsNorm(h, m.model.norm, fx.cfg.rmsNormEps), m.model.head);
+        idsOut.push(m.ctx.argmax(logits));
+        logs.push(m.ctx.download(logits));
+      }
+    }
+    const stats = m.ctx.graphStats();
+    m.ctx.dispose();
+    return { logs, idsOut, stats };
+  };
+  const g = run(true);
+  const e = run(false);
+  let maxAbs = 0, idsDiff = 0;
+  for (let i = 0; i < e.logs.length; i++) maxAbs = Math.max(maxAbs, maxAbsDiff(g.logs[i], e.logs[i]));
+  for (let i = 0; i < e.idsOut.length; i++) for (let j = 0; j < e.idsOut[i].length; j++) if (g.idsOut[i][j] !== e.idsOut[i][j]) idsDiff++;
+  // device argmax = argmax of the downloaded logits
+  let argBad = 0;
+  const off = e.logs.length - e.idsOut.length;
+  for (let i = 0; i < e.idsOut.length; i++) for (let j = 0; j < e.idsOut[i].length; j++) if (argmaxRow(e.logs[off + i], j * V, V) !== e.idsOut[i][j]) argBad++;
+  check(`${fx.name} ${modeName}: CUDA-graph replay = eager, bitwise (decode b1 across a bucket, b2, b8, b32)`, maxAbs === 0 && idsDiff === 0 && g.stats.replays >= 20 && g.stats.captures >= 4, {
+    maxAbs,
+    idsDiff,
+    graphStats: g.stats,
+  });
+  check(`${fx.name} ${modeName}: device argmax = argmax of the logits`, argBad === 0, { mismatches: argBad });
+}
+
+// ---- device sampling vs @ds3/core's Sampler ----------------------------------------------------------------
+function samplingChecks() {
+  const ctx = cuda.create({ precision: MODES.exact });
+  const rng = new Rng(777);
+  const gauss = () => Math.sqrt(-2 * Math.log(1 - rng.next())) * Math.cos(2 * Math.PI * rng.next());
+  const PARAMS = [
+    { temperature: 0 },
+    { temperature: 1 },
+    { temperature: 0.7, topK: 50 },
+    { temperature: 1, topP: 0.9 },
+    { temperature: 0.8, topK: 40, topP: 0.95 },
+    { temperature: 1, minP: 0.05 },
+    { temperature: 1.3, topK: 1000, topP: 0.8, minP: 0.01 },
+    { temperature: 1, topP: 0.5 },
+    { temperature: 2, topK: 1 },
+  ];
+  const res = { compared: 0, mismatches: 0, maxLogprobDiff: 0, examples: [] };
+  const t0 = Date.now();
+  for (const V of quick ? [1024] : [1024, 129280]) {
+    const T = V > 5000 ? 4 : 8;
+    const logits = new Float32Array(T * V);
+    for (let r = 0; r < T; r++) {
+      const scale = [0.5, 2, 6, 12, 1, 3, 8, 4][r];
+      for (let i = 0; i < V; i++) {
+        let v = gauss() * scale;
+        if (r === 1) v = Math.round(v * 2) / 2; // many exact ties
+        if (r === 2 && i % 7 === 0) v = -Infinity; // masked ids
+        logits[r * V + i] = v;
+      }
+    }
+    for (const params of PARAMS) {
+      const cpuS = new Sampler(params, { size: V });
+      for (let d = 0; d < 6; d++) {
+        ctx.beginStep();
+        const x = ctx.upload(logits, [T, V]);
+        const u = Float64Array.from({ length: T }, () => rng.next());
+        const got = ctx.sample(x, params, u);
+        for (let r = 0; r < T; r++) {
+          const ref = cpuS.sample(logits.subarray(r * V, (r + 1) * V), { prompt: [], output: [] }, { next: () => u[r] });
+          res.compared++;
+          if (ref.id !== got.ids[r]) {
+            res.mismatches++;
+            if (res.examples.length < 5) res.examples.push({ V, params, row: r, u: u[r], cpu: ref.id, cuda: got.ids[r] });
+          }
+          res.maxLogprobDiff = Math.max(res.maxLogprobDiff, Math.abs(ref.logprob - got.logprobs[r]));
+        }
+      }
+    }
+  }
+  res.seconds = (Date.now() - t0) / 1000;
+  ctx.dispose();
+  check(`device sampling = @ds3/core Sampler for the same draws (temperature/top-k/top-p/min-p, V=${quick ? "1024" : "1024 and 129280"})`, res.mismatches === 0 && res.maxLogprobDiff < 1e-3, res);
+}
+
+// ---- long-K FP8 linear (K >= 4096: paths the tiny models never reach), every GEMV launch variant -------------
+function longKChecks() {
+  const rng = new Rng(4242);
+  const N = 384, K = 8192;
+  const data = new Uint8Array(N * K);
+  for (let i = 0; i < data.length; i++) {
+    let b = Math.floor(rng.next() * 256);
+    if ((b & 0x7f) === 0x7f) b ^= 1; // no NaN codes
+    data[i] = b;
+  }
+  const scale = Float32Array.from({ length: (N / 128) * (K / 128) }, () => 1e-3 * (0.5 + rng.next()));
+  const hw = { name: "longk", dtype: "f8_e4m3", shape: [N, K], data, scale, scaleShape: [N / 128, K / 128], scaleOrigin: [0, 0] };
+  const out = {};
+  let worst = 0;
+  for (const modeName of ["exact", "bf16+fp8"]) {
+    const precision = MODES[modeName];
+    const cu = cuda.create({ precision });
+    const cp = cpu.create({ precision, threads: 8 });
+    const wc = cu.weight(hw), wp = cp.weight(hw);
+    for (const variant of [{ gemvKs: 0 }, { gemvKs: 1 }]) {
+      cu.tune(variant);
+      for (const M of [1, 2, 4, 8]) {
+        const x = Float32Array.from({ length: M * K }, () => rng.next() * 2 - 1);
+        cu.beginStep();
+        cp.beginStep();
+        const a = cu.download(cu.linear(cu.upload(x, [M, K]), wc));
+        const b = cp.download(cp.linear(cp.upload(x, [M, K]), wp));
+        const e = normErr(a, b);
+        out[`${modeName} ks=${variant.gemvKs} M=${M}`] = e;
+        worst = Math.max(worst, e / OP_BOUND[modeName]);
+      }
+    }
+    cu.tune({ gemvKs: 0 });
+    cu.dispose();
+    cp.dispose();
+  }
+  check("long-K FP8 linear (384x8192, M=1..8) within the per-op bound of the CPU backend, every GEMV variant", worst <= 1, { normErr: out });
+}
+
 // ---- run ----------------------------------------------------------------------------------------------------
 const t0 = Date.now();
+const tuned = backendName === "cuda" ? cuda.create({ precision: MODES.exact }) : null;
+const defaultTune = tuned ? tuned.tune() : null;
+if (tuned) console.log(`GEMV launch settings: ${JSON.stringify(defaultTune)}; CUDA graphs ${process.env.DS3_CUDA_GRAPHS === "0" ? "off" : "on"} by default`);
 for (const name of ["tiny-v3", "tiny-v3-bf16"]) {
   const fx = loadFixture(name);
   try {
@@ -366,6 +526,41 @@ for (const name of ["tiny-v3", "tiny-v3-bf16"]) {
       check(`${name} ${mode} checks ran`, false, { error: String(e?.stack ?? e) });
     }
   }
+  if (backendName === "cuda" && !args.includes("--no-graphs")) {
+    for (const mode of ["exact", "bf16+fp8"]) {
+      try {
+        graphChecks(fx, mode);
+      } catch (e) {
+        check(`${name} ${mode} graph checks ran`, false, { error: String(e?.stack ?? e) });
+      }
+    }
+  }
+}
+if (backendName === "cuda") {
+  // the other GEMV launch variants on the tiny models' op checks (tuning is process-wide)
+  if (!quick) {
+    const alt = { gemvKs: defaultTune.gemvKs ? 0 : 1, gemvDualU: defaultTune.gemvDualU === 2 ? 1 : 2 };
+    tuned.tune(alt);
+    const fx = loadFixture("tiny-v3");
+    for (const mode of ["exact", "bf16+fp8"]) {
+      try {
+        const before = results.checks.length;
+        modeChecks(fx, mode);
+        for (const c of results.checks.slice(before)) c.name += ` [GEMV variant ${JSON.stringify(alt)}]`;
+      } catch (e) {
+        check(`tiny-v3 ${mode} checks with GEMV variant ran`, false, { error: String(e?.stack ?? e) });
+      }
+    }
+    tuned.tune(defaultTune);
+  }
+  for (const [name, fn] of [["sampling", samplingChecks], ["long-K linear", longKChecks]]) {
+    try {
+      fn();
+    } catch (e) {
+      check(`${name} checks ran`, false, { error: String(e?.stack ?? e) });
+    }
+  }
+  tuned.dispose();
 }
 results.seconds = (Date.now() - t0) / 1000;
 console.log("\nper-op normwise error vs the CPU backend (max over calls):");

@@ -6,6 +6,9 @@
 //
 //   node bench/cuda/ds3-4L.mjs [--out bench/results/ds3-4L-h100.json] [--steps 20]
 //
+// Decode is measured with CUDA graphs on and off (alternating rounds, best median of each), and at batch 1
+// with each GEMV launch variant (ctx.tune); the headline numbers are the backend's defaults.
+//
 // Runs over the bundled JS (packages/backend-cuda/build/gpu/ds3.js); plain node, no node_modules.
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -150,33 +153,147 @@ function decodeCase(B) {
   const rows = Int32Array.from({ length: B }, (_, i) => i);
   return { ids, m, rows, run: () => step(ids, m, rows) };
 }
-for (const B of [1, 8, 32, 64]) {
-  if (only && only !== `b${B}`) continue;
-  const c = decodeCase(B);
-  const td = time(c.run, 3, STEPS);
-  res[`decode_b${B}_ctx512_ms`] = td.median;
-  res[`decode_b${B}_ctx512_tok_s`] = B / (td.median / 1000);
-  console.log(`decode b${B} ctx${CTX}: ${td.median.toFixed(3)} ms/step (min ${td.min.toFixed(3)}), ${res[`decode_b${B}_ctx512_tok_s`].toFixed(1)} tok/s`);
+const graphsDefault = ctx.graphStats().enabled;
+const tuneDefault = ctx.tune();
+res.defaults = { cuda_graphs: graphsDefault, gemv: tuneDefault };
+const BATCHES = [1, 8, 32, 64].filter((B) => !only || only === `b${B}`);
+const cases = Object.fromEntries(BATCHES.map((B) => [B, decodeCase(B)]));
+/** median ms per step at each batch size, in the current graph / tuning settings */
+function decodeRound(batches = BATCHES) {
+  const out = {};
+  for (const B of batches) out[B] = time(cases[B].run, 3, STEPS);
+  return out;
+}
+const rounds = { graphs: [], eager: [] };
+for (let r = 0; r < 2; r++)
+  for (const g of r % 2 ? [false, true] : [true, false]) {
+    ctx.setGraphs(g);
+    rounds[g ? "graphs" : "eager"].push(decodeRound());
+  }
+ctx.setGraphs(graphsDefault);
+const best = (rs, B) => Math.min(...rs.map((x) => x[B].median));
+res.decode_graphs_vs_eager = {};
+for (const B of BATCHES) {
+  const g = best(rounds.graphs, B), e = best(rounds.eager, B);
+  res.decode_graphs_vs_eager[`b${B}`] = {
+    graphs_ms: g,
+    eager_ms: e,
+    graphs_tok_s: B / (g / 1000),
+    eager_tok_s: B / (e / 1000),
+    rounds_graphs_ms: rounds.graphs.map((x) => x[B].median),
+    rounds_eager_ms: rounds.eager.map((x) => x[B].median),
+  };
+  const ms = graphsDefault ? g : e;
+  res[`decode_b${B}_ctx512_ms`] = ms;
+  res[`decode_b${B}_ctx512_tok_s`] = B / (ms / 1000);
+  console.log(
+    `decode b${B} ctx${CTX}: ${ms.toFixed(3)} ms/step, ${res[`decode_b${B}_ctx512_tok_s`].toFixed(1)} tok/s  (graphs ${g.toFixed(3)} ms = ${(B / (g / 1000)).toFixed(1)} tok/s, eager ${e.toFixed(3)} ms = ${(B / (e / 1000)).toFixed(1)} tok/s)`,
+  );
+}
+res.graph_stats = ctx.graphStats();
+
+// GEMV launch variants at batch 1 (the only batch they touch), graphs as by default
+if (BATCHES.includes(1)) {
+  const variants = [
+    { gemvKs: 0, gemvDualU: 1 },
+    { gemvKs: 1, gemvDualU: 1 },
+    { gemvKs: 0, gemvDualU: 2 },
+    { gemvKs: 1, gemvDualU: 2 },
+  ];
+  res.decode_b1_gemv_variants = [];
+  for (let r = 0; r < 2; r++)
+    for (const v of r % 2 ? [...variants].reverse() : variants) {
+      ctx.tune(v);
+      const t = decodeRound([1])[1];
+      res.decode_b1_gemv_variants.push({ ...v, ms: t.median, tok_s: 1 / (t.median / 1000) });
+    }
+  ctx.tune(tuneDefault);
+  for (const v of variants) {
+    const ms = Math.min(...res.decode_b1_gemv_variants.filter((x) => x.gemvKs === v.gemvKs && x.gemvDualU === v.gemvDualU).map((x) => x.ms));
+    console.log(`decode b1, GEMV ${JSON.stringify(v)}: ${ms.toFixed(3)} ms, ${(1000 / ms).toFixed(1)} tok/s`);
+  }
+  // the variants compute the same function: outputs of the real shapes on the same input
+  const att = model.layers[1].attn, dense = model.layers[0].ffn, moe = model.layers[1].ffn;
+  const shapes = [
+    ["wo 7168x16384", att.wo],
+    ["dense w1 18432x7168", dense.w1],
+    ["dense w2 7168x18432", dense.w2],
+    ["wq_b 24576x1536", att.wqB],
+    ["wq_a 1536x7168", att.wqA],
+  ];
+  const agree = {};
+  const runVariant = (v, fn, width) => {
+    ctx.tune(v);
+    ctx.beginStep();
+    const x = ctx.upload(Float32Array.from({ length: width }, (_, i) => Math.sin(i * 0.37) * 0.8), [1, width]);
+    return ctx.download(fn(x));
+  };
+  const nerr = (a, b) => {
+    let n = 0, d = 0;
+    for (let i = 0; i < a.length; i++) {
+      n += (a[i] - b[i]) ** 2;
+      d += b[i] ** 2;
+    }
+    return Math.sqrt(n / Math.max(d, 1e-30));
+  };
+  for (const [name, w] of shapes) {
+    const a = runVariant({ gemvKs: 0, gemvDualU: 1 }, (x) => ctx.linear(x, w), w.shape[1]);
+    const b = runVariant({ gemvKs: 1, gemvDualU: 1 }, (x) => ctx.linear(x, w), w.shape[1]);
+    agree[`linear ${name}: ks 1 vs 0`] = nerr(b, a);
+  }
+  {
+    const f = (x) => ctx.moeExperts(x, moe.experts, ctx.moeGate(x, moe.gate, moe.bias, moe.gcfg), moe.gcfg.topk);
+    const a = runVariant({ gemvKs: 0, gemvDualU: 1 }, f, cfg.dim);
+    const b = runVariant({ gemvKs: 0, gemvDualU: 2 }, f, cfg.dim);
+    agree["moeExperts T=1: dualU 2 vs 1"] = nerr(b, a);
+  }
+  ctx.tune(tuneDefault);
+  res.gemv_variant_agreement_normwise = agree;
+  res.gemv_variants_agree = Object.values(agree).every((e) => e <= 1e-2);
+  console.log(`GEMV variants agree (normwise, bound 1e-2): ${res.gemv_variants_agree} ${JSON.stringify(agree)}`);
 }
 
 // host time to issue one step (JS + Node-API + launches) against the whole step: is the GPU fed fast enough?
 for (const B of [1, 64]) {
   if (only && only !== `b${B}`) continue;
-  const c = decodeCase(B);
-  const enq = [], tot = [];
-  for (let i = 0; i < 8; i++) {
+  const c = cases[B];
+  for (const g of [true, false]) {
+    ctx.setGraphs(g);
+    const enq = [], tot = [];
+    for (let i = 0; i < 12; i++) {
+      // the bench step; "issued" = every op up to the head issued (or checked against the recording)
+      ctx.beginStep();
+      const t0 = performance.now();
+      let h = ctx.embed(model.embed, c.ids, 0);
+      for (const b of model.layers) h = b.forward(h, c.m);
+      const lg = ctx.linear(ctx.rmsNorm(h, model.norm, cfg.rmsNormEps), model.head);
+      const t1 = performance.now();
+      ctx.argmax(lg);
+      if (i >= 2) {
+        enq.push(t1 - t0);
+        tot.push(performance.now() - t0);
+      }
+    }
+    res[`decode_b${B}_host_issue_ms${g ? "_graphs" : "_eager"}`] = median(enq);
+    console.log(`decode b${B} (${g ? "graphs" : "eager"}): host issues a step in ${median(enq).toFixed(3)} ms of ${median(tot).toFixed(3)} ms`);
+  }
+  ctx.setGraphs(graphsDefault);
+}
+
+// device sampling (top-k/top-p) instead of greedy: cost at b1 and b64
+for (const B of [1, 64]) {
+  if (only && only !== `b${B}`) continue;
+  const c = cases[B];
+  const u = new Float64Array(B).fill(0.5);
+  const sp = { temperature: 0.8, topK: 50, topP: 0.95 };
+  const t = time(() => {
     ctx.beginStep();
-    const t0 = performance.now();
     let h = ctx.embed(model.embed, c.ids, 0);
     for (const b of model.layers) h = b.forward(h, c.m);
-    ctx.linear(ctx.rmsNorm(h, model.norm, cfg.rmsNormEps), model.head);
-    const t1 = performance.now();
-    ctx.sync();
-    enq.push(t1 - t0);
-    tot.push(performance.now() - t0);
-  }
-  res[`decode_b${B}_host_issue_ms`] = median(enq);
-  console.log(`decode b${B}: host issues a step in ${median(enq).toFixed(3)} ms of ${median(tot).toFixed(3)} ms`);
+    ctx.sample(ctx.linear(ctx.rmsNorm(h, model.norm, cfg.rmsNormEps), model.head), sp, u);
+  }, 3, Math.min(STEPS, 10));
+  res[`decode_b${B}_ctx512_tok_s_device_topk_topp`] = B / (t.median / 1000);
+  console.log(`decode b${B} with device top-k/top-p sampling: ${t.median.toFixed(3)} ms/step, ${(B / (t.median / 1000)).toFixed(1)} tok/s`);
 }
 
 // ---- routing spread and bytes per step -------------------------------------------------------------------------
@@ -240,14 +357,16 @@ for (const B of [64, 1]) {
   const c = decodeCase(B);
   res.profile[`decode_b${B}_ctx512`] = profileOf(c.run);
 }
+res.profile_note = "CUDA events per op, graphs off while profiling (events between ops); '.x' rows are parts of the op above";
 for (const [k, p] of Object.entries(res.profile)) {
   console.log(`\nprofile ${k}: wall ${p.wall_ms.toFixed(2)} ms, sum of op times ${p.gpu_ms_sum.toFixed(2)} ms`);
   for (const o of p.ops.slice(0, 18)) console.log(`  ${o.ms.toFixed(3).padStart(9)} ms ${String(o.pct).padStart(5)}%  x${o.count}  ${o.op}`);
 }
 res.memory = ctx.memInfo();
-res.note = "tok/s from the median step time; decode steps sample greedily on the device; prefill returns the last row only";
+res.note =
+  "tok/s from the median step time (decode: best of 2 alternating rounds per setting); decode steps sample greedily on the device; prefill returns the last row only; headline numbers use the defaults in `defaults`";
 mkdirSync(dirname(outPath), { recursive: true });
 writeFileSync(outPath, JSON.stringify(res, null, 1));
 if (process.env.OUT) writeFileSync(join(process.env.OUT, "ds3-4L-h100.json"), JSON.stringify(res, null, 1));
-console.log(`\n${JSON.stringify(Object.fromEntries(Object.entries(res).filter(([k]) => /tok_s|fraction|distinct_experts_per_moe_layer_b64$|weight_bytes/.test(k))))}`);
+console.log(`\n${JSON.stringify(Object.fromEntries(Object.entries(res).filter(([k]) => /tok_s|fraction|distinct_experts_per_moe_layer_b64$|weight_bytes|defaults|agree$/.test(k))))}`);
 ctx.dispose();

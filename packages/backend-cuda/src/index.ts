@@ -21,9 +21,9 @@ import type {
   Weight,
   WeightDType,
 } from "@ds3/core";
-import type { Native, NativeCtx, ProfileEntry, ProbeResult } from "./native.js";
+import type { GemvTuning, GraphStats, Native, NativeCtx, ProfileEntry, ProbeResult } from "./native.js";
 
-export type { ProfileEntry, ProbeResult } from "./native.js";
+export type { GemvTuning, GraphStats, ProfileEntry, ProbeResult } from "./native.js";
 export { SyntheticSource, type SyntheticHostWeight } from "./synthetic.js";
 
 let native: Native | null = null;
@@ -114,7 +114,29 @@ function sameF32(a: Float32Array, b: Float32Array): boolean {
   return true;
 }
 
-export interface CudaBackendOptions extends BackendOptions {}
+export interface CudaBackendOptions extends BackendOptions {
+  /**
+   * Capture repeated step segments (decode steps per batch size) as CUDA graphs and replay them
+   * (default: on; $DS3_CUDA_GRAPHS=0 turns it off). Results are identical either way.
+   */
+  graphs?: boolean;
+  /** collectives through NCCL when the addon has it and there is more than one rank (default: on; $DS3_NCCL=0: host) */
+  nccl?: boolean;
+}
+
+/** Device sampling parameters of one row (the subset of SamplingParams the device implements). */
+export interface DeviceSampling {
+  temperature?: number;
+  topK?: number;
+  topP?: number;
+  minP?: number;
+}
+
+function envFlag(name: string): boolean | undefined {
+  const v = process.env[name];
+  if (v === undefined || v === "") return undefined;
+  return !(v === "0" || v.toLowerCase() === "false" || v.toLowerCase() === "off");
+}
 
 export class CudaContext implements BackendContext {
   readonly name = "cuda";
@@ -129,7 +151,12 @@ export class CudaContext implements BackendContext {
   /** bytes of all weights on the device */
   weightBytes = 0;
 
-  constructor(opts: BackendOptions = {}) {
+  /** collectives run through NCCL (ncclInit done) */
+  private ncclOn = false;
+  /** NCCL version compiled into the addon (0: none) */
+  readonly ncclVersion: number;
+
+  constructor(opts: CudaBackendOptions = {}) {
     const nat = load();
     const pr = nat.probe();
     if (!pr.ok) throw new Error(pr.reason ?? "CUDA not available");
@@ -139,10 +166,33 @@ export class CudaContext implements BackendContext {
       device: dev,
       actBf16: this.precision.activations === "bf16",
       actQuant: this.precision.actQuant === "fp8" ? 1 : this.precision.actQuant === "fp8-ue8m0" ? 2 : 0,
+      graphs: opts.graphs ?? envFlag("DS3_CUDA_GRAPHS") ?? true,
     });
     this.coll = opts.collective && opts.collective.worldSize > 1 ? opts.collective : null;
     this.device = pr.devices?.find((d) => d.startsWith(`cuda:${dev} `)) ?? `cuda:${dev}`;
+    this.ncclVersion = nat.nccl ?? 0;
+    if (this.coll && this.ncclVersion > 0 && (opts.nccl ?? envFlag("DS3_NCCL") ?? true)) {
+      // rank 0 makes the unique id; the host collective hands it to every rank (a sum with zeros elsewhere)
+      const c = this.coll;
+      const mine = new Float32Array(128);
+      if (c.rank === 0) mine.set(this.n.ncclUniqueId());
+      const all = c.allReduceSum(mine);
+      this.initNccl(Uint8Array.from(all), c.rank, c.worldSize);
+    }
   }
+
+  /** join an NCCL communicator (every rank calls it with the same id); collectives then run on the device */
+  initNccl(id: Uint8Array, rank: number, worldSize: number): { version: number; rank: number; worldSize: number } {
+    const r = this.n.ncclInit(id, rank, worldSize);
+    this.ncclOn = true;
+    this.ncclWorld = worldSize;
+    return r;
+  }
+  /** a fresh NCCL unique id (rank 0) */
+  ncclUniqueId(): Uint8Array {
+    return this.n.ncclUniqueId();
+  }
+  private ncclWorld = 1;
 
   // ---- helpers ----------------------------------------------------------------------------------
   private t(x: Tensor, what: string): CudaTensor {
@@ -326,12 +376,20 @@ export class CudaContext implements BackendContext {
     return this.out(this.n.moeExperts(a.ptr, a.rows, a.cols, e.id, e.first, r.ptr, topk), a.shape);
   }
   allReduce(x: Tensor): Tensor {
+    if (this.ncclOn) {
+      const a = this.t(x, "allReduce");
+      return this.out(this.n.allReduce(a.ptr, a.rows * a.cols), a.shape);
+    }
     if (!this.coll) return x;
     const a = this.t(x, "allReduce");
     const sum = this.coll.allReduceSum(this.n.download(a.ptr, a.rows * a.cols));
     return this.out(this.n.upload(sum), a.shape);
   }
   allGatherCols(x: Tensor): Tensor {
+    if (this.ncclOn) {
+      const a = this.t(x, "allGatherCols");
+      return this.out(this.n.allGather(a.ptr, a.rows, a.cols), [a.rows, a.cols * this.ncclWorld]);
+    }
     if (!this.coll) return x;
     const a = this.t(x, "allGatherCols");
     const all = this.coll.allGatherCols(this.n.download(a.ptr, a.rows * a.cols), a.rows);
@@ -346,6 +404,41 @@ export class CudaContext implements BackendContext {
   argmax(x: Tensor): Int32Array {
     const a = this.t(x, "argmax");
     return this.n.argmax(a.ptr, a.rows, a.cols);
+  }
+  /**
+   * Sample one id per row on the device (temperature, top-k, top-p, min-p with the semantics and walk
+   * order of @ds3/core's Sampler; penalties and masks are not applied here). `u` holds one uniform draw
+   * in [0, 1) per row (an Rng's next()); rows at temperature < 1e-5 are greedy and ignore it. Returns the
+   * ids and the log-softmax of the raw logits at each id; only these cross back.
+   */
+  sample(x: Tensor, params: DeviceSampling | DeviceSampling[], u: Float64Array): { ids: Int32Array; logprobs: Float32Array } {
+    const a = this.t(x, "sample");
+    const T = a.rows;
+    if (u.length < T) throw new RangeError(`sample: ${u.length} draws for ${T} rows`);
+    const p = new Float64Array(4 * T);
+    for (let r = 0; r < T; r++) {
+      const q = Array.isArray(params) ? params[r] : params;
+      if (!q) throw new RangeError(`sample: no parameters for row ${r}`);
+      const { temperature = 1, topK = 0, topP = 1, minP = 0 } = q;
+      if (!(temperature >= 0) || !(topP > 0 && topP <= 1) || !(minP >= 0 && minP <= 1) || !Number.isInteger(topK) || topK < -1)
+        throw new RangeError(`sample: bad parameters for row ${r}: ${JSON.stringify(q)}`);
+      p.set([temperature, topK, topP, minP], 4 * r);
+    }
+    const r = this.n.sample(a.ptr, T, a.cols, this.n.upload(p), this.n.upload(u.subarray(0, T)));
+    for (let i = 0; i < T; i++)
+      if (r.ids[i]! < 0) throw new Error(`sample: row ${i} has no token to sample (NaN or +Infinity logits, or all -Infinity)`);
+    return r;
+  }
+  /** CUDA graphs of repeated step segments on or off (results are identical either way) */
+  setGraphs(on: boolean, opts?: { earlyLaunch?: boolean; minOps?: number }): void {
+    this.n.setGraphs(on, opts);
+  }
+  graphStats(): GraphStats {
+    return this.n.graphStats();
+  }
+  /** GEMV launch heuristics (benchmarks compare them); returns the settings in force */
+  tune(t?: Partial<GemvTuning>): GemvTuning {
+    return this.n.tune(t);
   }
   /** fill a cache with uniform noise in [-1, 1) (benchmarks at a given context without a prefill) */
   fillCacheRandom(cache: LatentCache, seed: number): void {
@@ -389,6 +482,7 @@ export function createCudaBackend(opts?: BackendOptions): CudaContext {
 
 export const cuda: BackendProvider = {
   name: "cuda",
+  entry: import.meta.url,
   available() {
     const p = probe();
     return p.ok ? { ok: true, devices: p.devices ?? [] } : { ok: false, reason: p.reason ?? "CUDA not available" };

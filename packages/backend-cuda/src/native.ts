@@ -41,8 +41,9 @@ export interface NativeCtx {
   cache(layers: number, blocks: number, bs: number, width: number, bf16: boolean): number;
   readCache(cache: number, layer: number, slot: number, count: number): Float32Array;
   fillCacheRandom(cache: number, seed: number): void;
-  upload(a: Float32Array): number;
-  uploadI32(a: Int32Array): number;
+  /** any typed array: its bytes (an op: recorded into CUDA graphs through the pinned staging buffer) */
+  upload(a: ArrayBufferView): number;
+  uploadI32(a: ArrayBufferView): number;
   persist(a: Float32Array): number;
   download(ptr: number, n: number): Float32Array;
   beginStep(): void;
@@ -79,14 +80,45 @@ export interface NativeCtx {
   moeGate(x: number, T: number, w: number, bias: number, topk: number, ng: number, tg: number, sigmoid: boolean, norm: boolean, scale: number): number;
   moeExperts(x: number, T: number, D: number, set: number, first: number, routing: number, topk: number): number;
   argmax(x: number, T: number, N: number): Int32Array;
+  /** params: device float64 [T, 4] (temperature, top_k, top_p, min_p); u: device float64 [T]; ids -1: bad row */
+  sample(x: number, T: number, N: number, params: number, u: number): { ids: Int32Array; logprobs: Float32Array };
+  setGraphs(on: boolean, opts?: { earlyLaunch?: boolean; minOps?: number }): void;
+  graphStats(): GraphStats;
+  tune(t?: Partial<GemvTuning>): GemvTuning;
+  ncclUniqueId(): Uint8Array;
+  ncclInit(id: Uint8Array, rank: number, worldSize: number): { version: number; rank: number; worldSize: number };
+  allReduce(x: number, n: number): number;
+  allGather(x: number, rows: number, cols: number): number;
   profile(on: boolean): void;
   profileReport(): ProfileEntry[];
   memInfo(): { free: number; total: number; arena: number; arenaPeak: number };
   dispose(): void;
 }
 
+export interface GraphStats {
+  enabled: boolean;
+  /** recordings held (captured or seen once) */
+  graphs: number;
+  eagerSegments: number;
+  captures: number;
+  replays: number;
+  fallbacks: number;
+  captureFailures: number;
+  earlyLaunches: number;
+  evictions: number;
+}
+
+export interface GemvTuning {
+  /** FP8 GEMV, one token, K >= 4096: split K over the warps of a block (0/1) */
+  gemvKs: number;
+  /** fused MoE gate/up GEMV, one token: 16-byte chunks in flight per lane and row (1/2) */
+  gemvDualU: number;
+}
+
 export interface Native {
-  Context: new (o: { device: number; actBf16: boolean; actQuant: number }) => NativeCtx;
+  Context: new (o: { device: number; actBf16: boolean; actQuant: number; graphs: boolean }) => NativeCtx;
   probe(): ProbeResult;
   built: "cuda" | "stub";
+  /** NCCL version the addon was built with (0: built without NCCL) */
+  nccl?: number;
 }

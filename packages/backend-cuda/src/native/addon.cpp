@@ -15,6 +15,11 @@
 #include <string>
 #include <vector>
 
+#ifdef DS3_HAVE_NCCL
+#include <nccl.h>
+#endif
+
+#include "graphs.h"
 #include "ops.h"
 
 using namespace ds3cu;
@@ -33,6 +38,37 @@ T* ptr(const Napi::Value& v) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(v.As<Napi::Number>().Int64Value()));
 }
 Napi::Value addr(Napi::Env env, const void* p) { return Napi::Number::New(env, double(reinterpret_cast<uintptr_t>(p))); }
+// op arguments as recorded (doubles: every device address fits in 53 bits)
+inline int64_t I(double v) { return int64_t(v); }
+template <typename T>
+T* P(double v) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(int64_t(v)));
+}
+inline uint64_t U(const void* p) { return uint64_t(reinterpret_cast<uintptr_t>(p)); }
+
+/** the ops that run on the stream between synchronization points (recorded, captured, replayed) */
+enum OpId : int {
+  OP_UPLOAD = 1,
+  OP_EMBED,
+  OP_RMSNORM,
+  OP_LINEAR,
+  OP_ADD,
+  OP_SILUMUL,
+  OP_CONCAT,
+  OP_SLICE,
+  OP_ROWS,
+  OP_ROPE,
+  OP_MLA,
+  OP_MOEGATE,
+  OP_MOEEXPERTS,
+  OP_ARGMAX,
+  OP_SAMPLE,
+  OP_ALLREDUCE,
+  OP_ALLGATHER,
+};
+
+[[maybe_unused]] const char* kNoNccl =
+    "NCCL not available: @ds3/backend-cuda was built without NCCL (CMake found no nccl.h / libnccl); collectives go through the host";
 
 int esize(int dt) { return dt == W_F8 ? 1 : dt == W_F32 ? 4 : 2; }
 int dtype_of(const std::string& s) {
@@ -108,6 +144,13 @@ class Arena {
   }
   size_t total() const { return total_; }
   size_t peak() const { return std::max(peak_, used_); }
+  ds3g::ArenaState state() const { return {cur_, off_, used_}; }
+  void setState(const ds3g::ArenaState& s) {
+    cur_ = s.cur;
+    off_ = s.off;
+    used_ = s.used;
+    peak_ = std::max(peak_, used_);
+  }
 
  private:
   struct Chunk {
@@ -149,6 +192,14 @@ class Context : public Napi::ObjectWrap<Context> {
                            InstanceMethod("moeGate", &Context::MoeGate),
                            InstanceMethod("moeExperts", &Context::MoeExperts),
                            InstanceMethod("argmax", &Context::Argmax),
+                           InstanceMethod("sample", &Context::Sample),
+                           InstanceMethod("setGraphs", &Context::SetGraphs),
+                           InstanceMethod("graphStats", &Context::GraphStats_),
+                           InstanceMethod("tune", &Context::Tune),
+                           InstanceMethod("ncclUniqueId", &Context::NcclUniqueId),
+                           InstanceMethod("ncclInit", &Context::NcclInit),
+                           InstanceMethod("allReduce", &Context::AllReduce),
+                           InstanceMethod("allGather", &Context::AllGather),
                            InstanceMethod("profile", &Context::Profile),
                            InstanceMethod("profileReport", &Context::ProfileReport),
                            InstanceMethod("memInfo", &Context::MemInfo),
@@ -156,12 +207,13 @@ class Context : public Napi::ObjectWrap<Context> {
                        });
   }
 
-  // new Context({device, actBf16, actQuant})
+  // new Context({device, actBf16, actQuant, graphs})
   Context(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Context>(info) {
     auto o = info[0].As<Napi::Object>();
     dev_ = o.Get("device").As<Napi::Number>().Int32Value();
     actBf16_ = o.Get("actBf16").ToBoolean() ? 1 : 0;
     actQuant_ = o.Get("actQuant").As<Napi::Number>().Int32Value();
+    graphsWanted_ = o.Has("graphs") && o.Get("graphs").ToBoolean();
     int n = 0;
     CK(cudaGetDeviceCount(&n));
     if (dev_ < 0 || dev_ >= n) throw std::runtime_error("CUDA device " + std::to_string(dev_) + " does not exist (" + std::to_string(n) + " found)");
@@ -176,10 +228,89 @@ class Context : public Napi::ObjectWrap<Context> {
     stageCap_ = size_t(16) << 20;
     CK(cudaHostAlloc(&stage_, stageCap_, cudaHostAllocDefault));
     alive_ = true;
+    graphs_.enabled = graphsWanted_;
   }
   ~Context() override { release(); }
 
+  // ---- the recorder's host interface (graphs.h) ------------------------------------------------------
+  uint64_t exec(const ds3g::OpKey& k, const void* data, int64_t* stageAt) {
+    const double* a = k.a;
+    switch (k.op) {
+      case OP_UPLOAD: {
+        void* d = arena_.alloc(k.bytes);
+        const int64_t st = h2d(d, data, k.bytes);
+        if (stageAt) *stageAt = st;
+        return U(d);
+      }
+      case OP_EMBED: return opEmbed(a);
+      case OP_RMSNORM: return opRmsNorm(a);
+      case OP_LINEAR: return opLinear(a);
+      case OP_ADD: return opAdd(a);
+      case OP_SILUMUL: return opSiluMul(a);
+      case OP_CONCAT: return opConcat(a);
+      case OP_SLICE: return opSlice(a);
+      case OP_ROWS: return opRows(a);
+      case OP_ROPE: return opRope(a);
+      case OP_MLA: return opMla(a);
+      case OP_MOEGATE: return opMoeGate(a);
+      case OP_MOEEXPERTS: return opMoeExperts(a);
+      case OP_ARGMAX: return opArgmax(a);
+      case OP_SAMPLE: return opSample(a);
+      case OP_ALLREDUCE: return opAllReduce(a);
+      case OP_ALLGATHER: return opAllGather(a);
+      default: throw std::runtime_error("unknown op " + std::to_string(k.op));
+    }
+  }
+  ds3g::ArenaState arena() const { return arena_.state(); }
+  void setArena(const ds3g::ArenaState& s) { arena_.setState(s); }
+  size_t stageOff() const { return stageOff_; }
+  void setStageOff(size_t s) { stageOff_ = s; }
+  void stage(int64_t off, const void* data, size_t bytes) { std::memcpy(static_cast<char*>(stage_) + off, data, bytes); }
+  bool beginCapture() {
+    if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    capturing_ = true;
+    return true;
+  }
+  void* endCapture() {
+    capturing_ = false;
+    cudaGraph_t g = nullptr;
+    if (cudaStreamEndCapture(stream_, &g) != cudaSuccess || !g) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    cudaGraphExec_t ex = nullptr;
+    const cudaError_t e = cudaGraphInstantiate(&ex, g, 0);
+    cudaGraphDestroy(g);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return ex;
+  }
+  void launch(void* ex) { CK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(ex), stream_)); }
+  void destroy(void* ex) { cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(ex)); }
+
  private:
+  /** a synchronization point or a call that is not an op: the recorder's segment ends here */
+  void barrier() { graphs_.flush(); }
+  /** an op from JS: numeric arguments (booleans as 0/1) through the recorder */
+  Napi::Value Op(const Napi::CallbackInfo& info, int op, int n, int bucketArg = -1) {
+    use();
+    ds3g::OpKey k;
+    k.op = op;
+    k.n = n;
+    for (int i = 0; i < n; i++) {
+      const Napi::Value v = info[i];
+      k.a[i] = v.IsBoolean() ? (v.As<Napi::Boolean>().Value() ? 1.0 : 0.0) : v.As<Napi::Number>().DoubleValue();
+    }
+    // the attention's split plan depends on the context length: round it up to a multiple of 128 so
+    // that decode steps share a graph for 128 positions (the kernels read each token's own length)
+    if (bucketArg >= 0) k.a[bucketArg] = double(((int64_t(k.a[bucketArg]) + 1 + 127) / 128) * 128 - 1);
+    return Napi::Number::New(info.Env(), double(graphs_.op(k, nullptr)));
+  }
   // ---- plumbing ---------------------------------------------------------------------------------
   void use() {
     if (!alive_) throw std::runtime_error("CUDA backend context was disposed");
@@ -198,10 +329,19 @@ class Context : public Napi::ObjectWrap<Context> {
   }
   void release() {
     if (!alive_) return;
-    alive_ = false;
     cudaSetDevice(dev_);
     tl_device = dev_;
+    try {
+      graphs_.flush();
+    } catch (...) {
+    }
+    alive_ = false;
+    graphs_.clear();
     cudaStreamSynchronize(stream_);
+#ifdef DS3_HAVE_NCCL
+    if (comm_) ncclCommDestroy(comm_);
+    comm_ = nullptr;
+#endif
     for (void* p : owned_) cudaFree(p);
     owned_.clear();
     arena_.release();
@@ -230,33 +370,41 @@ class Context : public Napi::ObjectWrap<Context> {
     CK(cudaMemcpy(d, h, sizeof(WDesc) * n, cudaMemcpyHostToDevice));
     return d;
   }
-  /** copy host bytes to the device through pinned staging (asynchronous on the stream) */
-  void h2d(void* dst, const void* src, size_t bytes) {
-    if (bytes == 0) return;
+  /** copy host bytes to the device through pinned staging (asynchronous on the stream); returns the
+   *  staging offset used, or -1 for a direct copy (too large for staging). While capturing, a copy that
+   *  would have to wait for the stream throws NeedsSync (the recorder then runs the segment eagerly). */
+  int64_t h2d(void* dst, const void* src, size_t bytes) {
+    if (bytes == 0) return -1;
     if (bytes > stageCap_) {
+      if (capturing_) throw ds3g::NeedsSync{};
       CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
       CK(cudaStreamSynchronize(stream_));
-      return;
+      return -1;
     }
     if (stageOff_ + bytes > stageCap_) {  // staging full: wait for the copies in flight
+      if (capturing_) throw ds3g::NeedsSync{};
       CK(cudaStreamSynchronize(stream_));
       stageOff_ = 0;
     }
+    const int64_t off = int64_t(stageOff_);
     char* s = static_cast<char*>(stage_) + stageOff_;
     std::memcpy(s, src, bytes);
     stageOff_ = (stageOff_ + bytes + 255) & ~size_t(255);
     CK(cudaMemcpyAsync(dst, s, bytes, cudaMemcpyHostToDevice, stream_));
+    return off;
   }
-  DevWeight& W(const Napi::Value& v) {
-    int64_t i = num(v);
+  DevWeight& Wi(double v) {
+    const int64_t i = I(v);
     if (i < 0 || i >= int64_t(weights_.size())) throw std::runtime_error("unknown weight handle");
     return weights_[size_t(i)];
   }
-  DevCache& Cc(const Napi::Value& v) {
-    int64_t i = num(v);
+  DevCache& Ci(double v) {
+    const int64_t i = I(v);
     if (i < 0 || i >= int64_t(caches_.size())) throw std::runtime_error("unknown cache handle");
     return caches_[size_t(i)];
   }
+  DevWeight& W(const Napi::Value& v) { return Wi(double(num(v))); }
+  DevCache& Cc(const Napi::Value& v) { return Ci(double(num(v))); }
 
   // ---- profiling: CUDA events around each op --------------------------------------------------------
   struct Rec {
@@ -384,6 +532,7 @@ class Context : public Napi::ObjectWrap<Context> {
   // weight(dtype, rows, cols, data|null, scale|null, sr, sc, o0, o1, seed, amp)
   Napi::Value Weight_(const Napi::CallbackInfo& info) {
     use();
+    barrier();
     auto env = info.Env();
     DevWeight w;
     w.dtype = dtype_of(info[0].As<Napi::String>());
@@ -463,6 +612,7 @@ class Context : public Napi::ObjectWrap<Context> {
   // expertSet(Int32Array [w1, w2, w3] * n)
   Napi::Value ExpertSet_(const Napi::CallbackInfo& info) {
     use();
+    barrier();
     auto ids = info[0].As<Napi::Int32Array>();
     const size_t n = ids.ElementLength() / 3;
     if (n == 0) throw std::runtime_error("expertSet: no experts");
@@ -492,6 +642,7 @@ class Context : public Napi::ObjectWrap<Context> {
   // cache(layers, blocks, bs, width, bf16)
   Napi::Value Cache_(const Napi::CallbackInfo& info) {
     use();
+    barrier();
     DevCache c;
     c.layers = num(info[0]);
     c.blocks = num(info[1]);
@@ -508,6 +659,7 @@ class Context : public Napi::ObjectWrap<Context> {
   // readCache(cache, layer, slot, count) -> Float32Array
   Napi::Value ReadCache(const Napi::CallbackInfo& info) {
     use();
+    barrier();
     DevCache& c = Cc(info[0]);
     const int64_t layer = num(info[1]), slot = num(info[2]), count = num(info[3]);
     if (layer < 0 || layer >= c.layers || slot < 0 || count < 0 || slot + count > c.slots())
@@ -532,30 +684,37 @@ class Context : public Napi::ObjectWrap<Context> {
 
   Napi::Value FillCacheRandom(const Napi::CallbackInfo& info) {
     use();
+    barrier();
     DevCache& c = Cc(info[0]);
     launch_fill_cache_random(stream_, c.data, c.bf16, c.layers * c.slots() * c.width, uint64_t(dbl(info[1])));
     launched("fillCacheRandom");
     return info.Env().Undefined();
   }
 
-  // upload(Float32Array) -> device address (this step's arena)
+  // upload(typed array) -> device address (this step's arena); uploadI32 is the same op
   Napi::Value Upload(const Napi::CallbackInfo& info) {
     use();
-    auto a = info[0].As<Napi::Float32Array>();
-    float* d = tmp(a.ElementLength());
-    h2d(d, a.Data(), a.ElementLength() * 4);
-    return addr(info.Env(), d);
+    if (!info[0].IsTypedArray()) throw std::runtime_error("upload: expected a typed array");
+    napi_typedarray_type type;
+    size_t length = 0, off = 0;
+    void* src = nullptr;
+    napi_value ab;
+    if (napi_get_typedarray_info(info.Env(), info[0], &type, &length, &src, &ab, &off) != napi_ok)
+      throw std::runtime_error("upload: cannot read the typed array");
+    const size_t bytes = info[0].As<Napi::TypedArray>().ByteLength();  // src already points at the view
+    if (bytes > 0xffffffffu) throw std::runtime_error("upload: more than 4 GiB at once");
+    ds3g::OpKey k;
+    k.op = OP_UPLOAD;
+    k.n = 1;
+    k.a[0] = double(bytes);
+    k.bytes = uint32_t(bytes);
+    return Napi::Number::New(info.Env(), double(graphs_.op(k, src)));
   }
-  Napi::Value UploadI32(const Napi::CallbackInfo& info) {
-    use();
-    auto a = info[0].As<Napi::Int32Array>();
-    int* d = tmp<int>(a.ElementLength());
-    h2d(d, a.Data(), a.ElementLength() * 4);
-    return addr(info.Env(), d);
-  }
+  Napi::Value UploadI32(const Napi::CallbackInfo& info) { return Upload(info); }
   // persist(Float32Array) -> device address that lives as long as the context (biases, rope frequencies)
   Napi::Value Persist(const Napi::CallbackInfo& info) {
     use();
+    barrier();
     auto a = info[0].As<Napi::Float32Array>();
     void* d = devAlloc(a.ElementLength() * 4, "a constant");
     CK(cudaMemcpy(d, a.Data(), a.ElementLength() * 4, cudaMemcpyHostToDevice));
@@ -564,6 +723,7 @@ class Context : public Napi::ObjectWrap<Context> {
   // download(ptr, n) -> Float32Array (waits for the stream)
   Napi::Value Download(const Napi::CallbackInfo& info) {
     use();
+    barrier();
     const float* p = ptr<float>(info[0]);
     const size_t n = size_t(num(info[1]));
     auto out = Napi::Float32Array::New(info.Env(), n);
@@ -582,6 +742,7 @@ class Context : public Napi::ObjectWrap<Context> {
   }
   Napi::Value BeginStep(const Napi::CallbackInfo& info) {
     use();
+    barrier();
     CK(cudaStreamSynchronize(stream_));
     arena_.reset();
     stageOff_ = 0;
@@ -589,118 +750,123 @@ class Context : public Napi::ObjectWrap<Context> {
   }
   Napi::Value Sync(const Napi::CallbackInfo& info) {
     use();
+    barrier();
     CK(cudaStreamSynchronize(stream_));
     return info.Env().Undefined();
   }
 
+  // ---- ops: N-API entry points (argument lists as in native.ts) ------------------------------------
+  Napi::Value Embed(const Napi::CallbackInfo& info) { return Op(info, OP_EMBED, 4); }
+  Napi::Value RmsNorm(const Napi::CallbackInfo& info) { return Op(info, OP_RMSNORM, 5); }
+  Napi::Value Linear(const Napi::CallbackInfo& info) { return Op(info, OP_LINEAR, 4); }
+  Napi::Value Add(const Napi::CallbackInfo& info) { return Op(info, OP_ADD, 3); }
+  Napi::Value SiluMul(const Napi::CallbackInfo& info) { return Op(info, OP_SILUMUL, 3); }
+  Napi::Value Concat(const Napi::CallbackInfo& info) { return Op(info, OP_CONCAT, 5); }
+  Napi::Value Slice(const Napi::CallbackInfo& info) { return Op(info, OP_SLICE, 5); }
+  Napi::Value Rows(const Napi::CallbackInfo& info) { return Op(info, OP_ROWS, 4); }
+  Napi::Value Rope(const Napi::CallbackInfo& info) { return Op(info, OP_ROPE, 9); }
+  Napi::Value Mla(const Napi::CallbackInfo& info) { return Op(info, OP_MLA, 18, 11); }
+  Napi::Value MoeGate(const Napi::CallbackInfo& info) { return Op(info, OP_MOEGATE, 10); }
+  Napi::Value MoeExperts(const Napi::CallbackInfo& info) { return Op(info, OP_MOEEXPERTS, 7); }
+
   // ---- ops ----------------------------------------------------------------------------------------
   // embed(w, ids, T, vocabStart)
-  Napi::Value Embed(const Napi::CallbackInfo& info) {
-    use();
-    DevWeight& w = W(info[0]);
-    const int T = int(num(info[2]));
+  uint64_t opEmbed(const double* a) {
+    DevWeight& w = Wi(a[0]);
+    const int T = int(I(a[2]));
     Prof pf(this, "embed");
     float* y = tmp(size_t(T) * w.cols);
-    launch_embed(stream_, w.d, w.dtype, w.rows, int(w.cols), ptr<int>(info[1]), T, num(info[3]), y, actBf16_);
+    launch_embed(stream_, w.d, w.dtype, w.rows, int(w.cols), P<int>(a[1]), T, I(a[3]), y, actBf16_);
     launched("embed");
-    return addr(info.Env(), y);
+    return U(y);
   }
   // rmsNorm(x, T, D, w, eps)
-  Napi::Value RmsNorm(const Napi::CallbackInfo& info) {
-    use();
-    const int T = int(num(info[1])), D = int(num(info[2]));
-    DevWeight& w = W(info[3]);
+  uint64_t opRmsNorm(const double* a) {
+    const int T = int(I(a[1])), D = int(I(a[2]));
+    DevWeight& w = Wi(a[3]);
     if (w.rows * w.cols != D) throw std::runtime_error("rmsNorm: weight size " + std::to_string(w.rows * w.cols) + " != row width " + std::to_string(D));
     Prof pf(this, "rmsNorm", shape(T, D));
     float* y = tmp(size_t(T) * D);
-    launch_rms_norm(stream_, ptr<float>(info[0]), T, D, w.d, w.dtype, float(dbl(info[4])), y, actBf16_);
+    launch_rms_norm(stream_, P<float>(a[0]), T, D, w.d, w.dtype, float(a[4]), y, actBf16_);
     launched("rmsNorm");
-    return addr(info.Env(), y);
+    return U(y);
   }
   // linear(x, T, K, w)
-  Napi::Value Linear(const Napi::CallbackInfo& info) {
-    use();
-    const int T = int(num(info[1])), K = int(num(info[2]));
-    DevWeight& w = W(info[3]);
+  uint64_t opLinear(const double* a) {
+    const int T = int(I(a[1])), K = int(I(a[2]));
+    DevWeight& w = Wi(a[3]);
     if (K != w.cols) throw std::runtime_error("linear: input width " + std::to_string(K) + " != weight in-features " + std::to_string(w.cols));
     Prof pf(this, "linear", shape(w.rows, w.cols) + " T=" + std::to_string(T));
     float* y = tmp(size_t(T) * w.rows);
-    linearImpl(ptr<float>(info[0]), K, T, w, y, w.rows, actBf16_, true);
-    return addr(info.Env(), y);
+    linearImpl(P<float>(a[0]), K, T, w, y, w.rows, actBf16_, true);
+    return U(y);
   }
-  Napi::Value Add(const Napi::CallbackInfo& info) {
-    use();
-    const int64_t n = num(info[2]);
+  uint64_t opAdd(const double* a) {
+    const int64_t n = I(a[2]);
     Prof pf(this, "add");
     float* y = tmp(size_t(n));
-    launch_add(stream_, ptr<float>(info[0]), ptr<float>(info[1]), n, y, actBf16_);
+    launch_add(stream_, P<float>(a[0]), P<float>(a[1]), n, y, actBf16_);
     launched("add");
-    return addr(info.Env(), y);
+    return U(y);
   }
-  Napi::Value SiluMul(const Napi::CallbackInfo& info) {
-    use();
-    const int64_t n = num(info[2]);
+  uint64_t opSiluMul(const double* a) {
+    const int64_t n = I(a[2]);
     Prof pf(this, "siluMul");
     float* y = tmp(size_t(n));
-    launch_silu_mul(stream_, ptr<float>(info[0]), ptr<float>(info[1]), n, y, actBf16_);
+    launch_silu_mul(stream_, P<float>(a[0]), P<float>(a[1]), n, y, actBf16_);
     launched("siluMul");
-    return addr(info.Env(), y);
+    return U(y);
   }
   // concat(a, b, T, ca, cb)
-  Napi::Value Concat(const Napi::CallbackInfo& info) {
-    use();
-    const int T = int(num(info[2])), ca = int(num(info[3])), cb = int(num(info[4]));
+  uint64_t opConcat(const double* a) {
+    const int T = int(I(a[2])), ca = int(I(a[3])), cb = int(I(a[4]));
     Prof pf(this, "concat");
     float* y = tmp(size_t(T) * (ca + cb));
-    launch_concat(stream_, ptr<float>(info[0]), ptr<float>(info[1]), T, ca, cb, y);
+    launch_concat(stream_, P<float>(a[0]), P<float>(a[1]), T, ca, cb, y);
     launched("concat");
-    return addr(info.Env(), y);
+    return U(y);
   }
   // slice(x, T, C, c0, c1)
-  Napi::Value Slice(const Napi::CallbackInfo& info) {
-    use();
-    const int T = int(num(info[1])), C = int(num(info[2])), c0 = int(num(info[3])), c1 = int(num(info[4]));
+  uint64_t opSlice(const double* a) {
+    const int T = int(I(a[1])), C = int(I(a[2])), c0 = int(I(a[3])), c1 = int(I(a[4]));
     Prof pf(this, "slice");
     float* y = tmp(size_t(T) * std::max(0, c1 - c0));
-    launch_slice(stream_, ptr<float>(info[0]), T, C, c0, c1, y);
+    launch_slice(stream_, P<float>(a[0]), T, C, c0, c1, y);
     launched("slice");
-    return addr(info.Env(), y);
+    return U(y);
   }
   // rows(x, C, rowsPtr, n)
-  Napi::Value Rows(const Napi::CallbackInfo& info) {
-    use();
-    const int C = int(num(info[1])), n = int(num(info[3]));
+  uint64_t opRows(const double* a) {
+    const int C = int(I(a[1])), n = int(I(a[3]));
     Prof pf(this, "rows");
     float* y = tmp(size_t(n) * C);
-    launch_rows(stream_, ptr<float>(info[0]), C, ptr<int>(info[2]), n, y);
+    launch_rows(stream_, P<float>(a[0]), C, P<int>(a[2]), n, y);
     launched("rows");
-    return addr(info.Env(), y);
+    return U(y);
   }
   // rope(x, T, H, hd, off, rd, pos, inv, attn)
-  Napi::Value Rope(const Napi::CallbackInfo& info) {
-    use();
-    const int T = int(num(info[1])), H = int(num(info[2])), hd = int(num(info[3])), off = int(num(info[4])), rd = int(num(info[5]));
+  uint64_t opRope(const double* a) {
+    const int T = int(I(a[1])), H = int(I(a[2])), hd = int(I(a[3])), off = int(I(a[4])), rd = int(I(a[5]));
     Prof pf(this, "rope");
     float* y = tmp(size_t(T) * H * hd);
-    launch_rope(stream_, ptr<float>(info[0]), T, H, hd, off, rd, ptr<int>(info[6]), ptr<float>(info[7]), float(dbl(info[8])), y, actBf16_);
+    launch_rope(stream_, P<float>(a[0]), T, H, hd, off, rd, P<int>(a[6]), P<float>(a[7]), float(a[8]), y, actBf16_);
     launched("rope");
-    return addr(info.Env(), y);
+    return U(y);
   }
 
   // mla(q, kv, pe, T, w, cache, layer, pos, seq, bt, maxBlocks, maxPos, heads, nope, rope, v, kvLora, scale)
-  Napi::Value Mla(const Napi::CallbackInfo& info) {
-    use();
-    const float* q = ptr<float>(info[0]);
-    const float* kv = ptr<float>(info[1]);
-    const float* pe = ptr<float>(info[2]);
-    const int T = int(num(info[3]));
-    DevWeight& w = W(info[4]);
-    DevCache& c = Cc(info[5]);
-    const int64_t layer = num(info[6]);
-    CacheMeta m{ptr<int>(info[7]), ptr<int>(info[8]), ptr<int>(info[9]), int(num(info[10])), int(c.bs)};
-    const int maxPos = int(num(info[11]));
-    const int H = int(num(info[12])), nope = int(num(info[13])), R = int(num(info[14])), V = int(num(info[15])), C = int(num(info[16]));
-    const float scale = float(dbl(info[17]));
+  uint64_t opMla(const double* A) {
+    const float* q = P<float>(A[0]);
+    const float* kv = P<float>(A[1]);
+    const float* pe = P<float>(A[2]);
+    const int T = int(I(A[3]));
+    DevWeight& w = Wi(A[4]);
+    DevCache& c = Ci(A[5]);
+    const int64_t layer = I(A[6]);
+    CacheMeta m{P<int>(A[7]), P<int>(A[8]), P<int>(A[9]), int(I(A[10])), int(c.bs)};
+    const int maxPos = int(I(A[11]));
+    const int H = int(I(A[12])), nope = int(I(A[13])), R = int(I(A[14])), V = int(I(A[15])), C = int(I(A[16]));
+    const float scale = float(A[17]);
     const int Wd = C + R, HD = nope + V, QW = nope + R;
     if (layer < 0 || layer >= c.layers) throw std::runtime_error("mla: layer outside the cache");
     if (c.width != Wd) throw std::runtime_error("mla: cache width != kv_lora_rank + qk_rope_head_dim");
@@ -780,45 +946,43 @@ class Context : public Napi::ObjectWrap<Context> {
     if (T <= 8 && C % 16 == 0) launch_gemv(stream_, g, w.dtype, false, 1, H, mcFor(T));
     else launch_simt(stream_, g, w.dtype, (T + SIMT_BM - 1) / SIMT_BM, H);
     launched("mla value projection");
-    return addr(info.Env(), out);
+    return U(out);
   }
 
   // moeGate(x, T, w, bias|0, topk, ng, tg, sigmoid, norm, scale)
-  Napi::Value MoeGate(const Napi::CallbackInfo& info) {
-    use();
-    const float* x = ptr<float>(info[0]);
-    const int T = int(num(info[1]));
-    DevWeight& w = W(info[2]);
-    const float* bias = ptr<float>(info[3]);
-    const int topk = int(num(info[4])), ng = int(num(info[5])), tg = int(num(info[6]));
+  uint64_t opMoeGate(const double* a) {
+    const float* x = P<float>(a[0]);
+    const int T = int(I(a[1]));
+    DevWeight& w = Wi(a[2]);
+    const float* bias = P<float>(a[3]);
+    const int topk = int(I(a[4])), ng = int(I(a[5])), tg = int(I(a[6]));
     const int E = int(w.rows);
     if (E > 1024 || ng > 64 || topk > 64 || E % ng != 0) throw std::runtime_error("moeGate: needs <= 1024 experts, <= 64 groups dividing them, top-k <= 64");
     Prof pf(this, "moeGate", " T=" + std::to_string(T));
     float* logits = tmp(size_t(T) * E);
     linearImpl(x, w.cols, T, w, logits, E, 0, false);
     float* out = tmp(size_t(T) * 2 * topk);
-    launch_moe_route(stream_, logits, T, E, bias, topk, ng, tg, info[7].ToBoolean() ? 1 : 0, info[8].ToBoolean() ? 1 : 0,
-                     float(dbl(info[9])), out);
+    launch_moe_route(stream_, logits, T, E, bias, topk, ng, tg, (a[7] != 0) ? 1 : 0, (a[8] != 0) ? 1 : 0,
+                     float(a[9]), out);
     launched("moeGate routing");
-    return addr(info.Env(), out);
+    return U(out);
   }
 
   // moeExperts(x, T, D, set, first, routing, topk)
-  Napi::Value MoeExperts(const Napi::CallbackInfo& info) {
-    use();
-    const float* x = ptr<float>(info[0]);
-    const int T = int(num(info[1])), D = int(num(info[2]));
-    const int64_t sid = num(info[3]);
+  uint64_t opMoeExperts(const double* A) {
+    const float* x = P<float>(A[0]);
+    const int T = int(I(A[1])), D = int(I(A[2]));
+    const int64_t sid = I(A[3]);
     if (sid < 0 || sid >= int64_t(sets_.size())) throw std::runtime_error("unknown expert set handle");
     ExpSet& S = sets_[size_t(sid)];
-    const int first = int(num(info[4]));
-    const float* routing = ptr<float>(info[5]);
-    const int topk = int(num(info[6]));
+    const int first = int(I(A[4]));
+    const float* routing = P<float>(A[5]);
+    const int topk = int(I(A[6]));
     if (D != S.dim) throw std::runtime_error("moeExperts: input width != expert in-features");
     Prof pf(this, "moeExperts", " T=" + std::to_string(T));
     const int I = int(S.inter), nLocal = S.n, P = T * topk;
     float* out = tmp(size_t(T) * D);
-    if (T == 0) return addr(info.Env(), out);
+    if (T == 0) return U(out);
     const int maxTiles = (P + TC_BM - 1) / TC_BM + std::min(nLocal, P);
     MoePlan pl;
     pl.counters = tmp<int>(4);
@@ -975,32 +1139,206 @@ class Context : public Napi::ObjectWrap<Context> {
     }
     launch_moe_combine(stream_, Y, pl.pairOf, routing, T, topk, D, out, actBf16_);
     launched("moe combine");
-    return addr(info.Env(), out);
+    return U(out);
   }
 
-  // argmax(x, T, N) -> Int32Array (waits)
-  Napi::Value Argmax(const Napi::CallbackInfo& info) {
-    use();
-    const int T = int(num(info[1])), N = int(num(info[2]));
+  // argmax(x, T, N) -> Int32Array (waits): the kernels are an op (recorded with the step), the read a barrier
+  uint64_t opArgmax(const double* a) {
+    const int T = int(I(a[1])), N = int(I(a[2]));
     Prof pf(this, "argmax");
     int* d = tmp<int>(std::max(T, 1));
     const int chunks = std::max(1, std::min(64, (N + 4095) / 4096));
     float* pv = tmp(size_t(T) * chunks);
     int* pi = tmp<int>(size_t(T) * chunks);
-    launch_argmax(stream_, ptr<float>(info[0]), T, N, chunks, pv, pi, d);
+    launch_argmax(stream_, P<float>(a[0]), T, N, chunks, pv, pi, d);
     launched("argmax");
+    return U(d);
+  }
+  Napi::Value Argmax(const Napi::CallbackInfo& info) {
+    const int T = int(num(info[1]));
+    const uint64_t d = uint64_t(Op(info, OP_ARGMAX, 3).As<Napi::Number>().Int64Value());
+    barrier();
     auto out = Napi::Int32Array::New(info.Env(), size_t(T));
-    if (T > 0) {
-      CK(cudaMemcpyAsync(out.Data(), d, size_t(T) * 4, cudaMemcpyDeviceToHost, stream_));
-      CK(cudaStreamSynchronize(stream_));
-    }
+    readBack(out.Data(), reinterpret_cast<const void*>(uintptr_t(d)), size_t(T) * 4);
     return out;
   }
+  /** device -> host through the pinned buffer, waiting for the stream */
+  void readBack(void* dst, const void* src, size_t bytes) {
+    if (bytes == 0) return;
+    if (bytes > downCap_) {
+      if (down_) cudaFreeHost(down_);
+      down_ = nullptr;
+      downCap_ = std::max(bytes, size_t(4) << 20);
+      CK(cudaHostAlloc(&down_, downCap_, cudaHostAllocDefault));
+    }
+    CK(cudaMemcpyAsync(down_, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    CK(cudaStreamSynchronize(stream_));
+    std::memcpy(dst, down_, bytes);
+  }
+
+  // sample(x, T, N, params, u) -> {ids: Int32Array, logprobs: Float32Array} (waits); params: device
+  // float64 [T, 4] (temperature, top_k, top_p, min_p), u: device float64 [T] uniform draws
+  uint64_t opSample(const double* a) {
+    const int T = int(I(a[1])), N = int(I(a[2]));
+    Prof pf(this, "sample");
+    // float64 weights [T, N] then uint16 buckets [T, N]
+    const size_t tn = size_t(std::max(T, 1)) * N;
+    double* scratch = tmp<double>(tn + (tn + 3) / 4);
+    int* out = tmp<int>(size_t(std::max(T, 1)) * 2);
+    launch_sample(stream_, P<float>(a[0]), T, N, P<double>(a[3]), P<double>(a[4]), scratch, out, reinterpret_cast<float*>(out + T));
+    launched("sample");
+    return U(out);
+  }
+  Napi::Value Sample(const Napi::CallbackInfo& info) {
+    const int T = int(num(info[1]));
+    const uint64_t d = uint64_t(Op(info, OP_SAMPLE, 5).As<Napi::Number>().Int64Value());
+    barrier();
+    std::vector<int32_t> h(size_t(T) * 2);
+    readBack(h.data(), reinterpret_cast<const void*>(uintptr_t(d)), size_t(T) * 8);
+    auto env = info.Env();
+    auto ids = Napi::Int32Array::New(env, size_t(T));
+    auto lp = Napi::Float32Array::New(env, size_t(T));
+    if (T > 0) {
+      std::memcpy(ids.Data(), h.data(), size_t(T) * 4);
+      std::memcpy(lp.Data(), h.data() + T, size_t(T) * 4);
+    }
+    auto o = Napi::Object::New(env);
+    o.Set("ids", ids);
+    o.Set("logprobs", lp);
+    return o;
+  }
+
+  // ---- CUDA graphs and tuning ----------------------------------------------------------------------
+  Napi::Value SetGraphs(const Napi::CallbackInfo& info) {
+    use();
+    barrier();
+    graphsWanted_ = info[0].ToBoolean();
+    if (info.Length() > 1 && info[1].IsObject()) {
+      auto o = info[1].As<Napi::Object>();
+      if (o.Has("earlyLaunch")) graphs_.earlyLaunch = o.Get("earlyLaunch").ToBoolean();
+      if (o.Has("minOps")) graphs_.minOps = size_t(o.Get("minOps").As<Napi::Number>().Int64Value());
+    }
+    graphs_.enabled = graphsWanted_ && !prof_;
+    if (!graphsWanted_) graphs_.clear();
+    return info.Env().Undefined();
+  }
+  Napi::Value GraphStats_(const Napi::CallbackInfo& info) {
+    auto env = info.Env();
+    auto o = Napi::Object::New(env);
+    const auto& st = graphs_.stats;
+    o.Set("enabled", graphs_.enabled);
+    o.Set("graphs", double(graphs_.entries()));
+    o.Set("eagerSegments", double(st.eagerSegments));
+    o.Set("captures", double(st.captures));
+    o.Set("replays", double(st.replays));
+    o.Set("fallbacks", double(st.fallbacks));
+    o.Set("captureFailures", double(st.captureFailures));
+    o.Set("earlyLaunches", double(st.earlyLaunches));
+    o.Set("evictions", double(st.evictions));
+    return o;
+  }
+  // tune({gemvKs, gemvDualU}) -> the current settings (launch heuristics; recorded graphs are dropped)
+  Napi::Value Tune(const Napi::CallbackInfo& info) {
+    use();
+    barrier();
+    if (info.Length() > 0 && info[0].IsObject()) {
+      auto o = info[0].As<Napi::Object>();
+      GemvTuning t = gemv_tuning();
+      if (o.Has("gemvKs")) t.ksLongK = o.Get("gemvKs").As<Napi::Number>().Int32Value();
+      if (o.Has("gemvDualU")) t.dualU = o.Get("gemvDualU").As<Napi::Number>().Int32Value();
+      set_gemv_tuning(t);
+      graphs_.clear();
+    }
+    const GemvTuning t = gemv_tuning();
+    auto r = Napi::Object::New(info.Env());
+    r.Set("gemvKs", t.ksLongK);
+    r.Set("gemvDualU", t.dualU);
+    return r;
+  }
+
+  // ---- collectives through NCCL (tensor / expert parallel across GPUs) --------------------------------
+  // ncclUniqueId() -> Uint8Array(128) (rank 0 makes it, the host collective hands it to the others)
+  Napi::Value NcclUniqueId(const Napi::CallbackInfo& info) {
+    use();
+#ifdef DS3_HAVE_NCCL
+    ncclUniqueId id;
+    ncclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
+    auto out = Napi::Uint8Array::New(info.Env(), sizeof(id.internal));
+    std::memcpy(out.Data(), id.internal, sizeof(id.internal));
+    return out;
+#else
+    throw std::runtime_error(kNoNccl);
+#endif
+  }
+  // ncclInit(id, rank, worldSize): joins the communicator (blocks until every rank has joined)
+  Napi::Value NcclInit(const Napi::CallbackInfo& info) {
+    use();
+    barrier();
+#ifdef DS3_HAVE_NCCL
+    auto idb = info[0].As<Napi::Uint8Array>();
+    ncclUniqueId id;
+    if (idb.ByteLength() != sizeof(id.internal)) throw std::runtime_error("ncclInit: the unique id must have 128 bytes");
+    std::memcpy(id.internal, idb.Data(), sizeof(id.internal));
+    const int rank = info[1].As<Napi::Number>().Int32Value(), ws = info[2].As<Napi::Number>().Int32Value();
+    if (comm_) ncclCommDestroy(comm_);
+    comm_ = nullptr;
+    ncclCheck(ncclCommInitRank(&comm_, ws, id, rank), "ncclCommInitRank");
+    commSize_ = ws;
+    int v = 0;
+    ncclGetVersion(&v);
+    auto o = Napi::Object::New(info.Env());
+    o.Set("version", v);
+    o.Set("rank", rank);
+    o.Set("worldSize", ws);
+    return o;
+#else
+    throw std::runtime_error(kNoNccl);
+#endif
+  }
+  // allReduce(x, n) -> sum over ranks (new buffer); allGather(x, rows, cols) -> [rows, ws * cols]
+  Napi::Value AllReduce(const Napi::CallbackInfo& info) { return Op(info, OP_ALLREDUCE, 2); }
+  Napi::Value AllGather(const Napi::CallbackInfo& info) { return Op(info, OP_ALLGATHER, 3); }
+  uint64_t opAllReduce(const double* a) {
+#ifdef DS3_HAVE_NCCL
+    if (!comm_) throw std::runtime_error("allReduce: ncclInit() first");
+    const int64_t n = I(a[1]);
+    Prof pf(this, "allReduce");
+    float* y = tmp(size_t(std::max<int64_t>(n, 1)));
+    ncclCheck(ncclAllReduce(P<float>(a[0]), y, size_t(n), ncclFloat32, ncclSum, comm_, stream_), "ncclAllReduce");
+    return U(y);
+#else
+    throw std::runtime_error(kNoNccl);
+#endif
+  }
+  uint64_t opAllGather(const double* a) {
+#ifdef DS3_HAVE_NCCL
+    if (!comm_) throw std::runtime_error("allGather: ncclInit() first");
+    const int rows = int(I(a[1])), cols = int(I(a[2]));
+    Prof pf(this, "allGather");
+    float* g = tmp(size_t(commSize_) * rows * cols + 1);
+    float* y = tmp(size_t(commSize_) * rows * cols + 1);
+    ncclCheck(ncclAllGather(P<float>(a[0]), g, size_t(rows) * cols, ncclFloat32, comm_, stream_), "ncclAllGather");
+    launch_gather_cols(stream_, g, commSize_, rows, cols, y);  // [ws, rows, cols] -> [rows, ws * cols]
+    launched("allGather transpose");
+    return U(y);
+#else
+    throw std::runtime_error(kNoNccl);
+#endif
+  }
+#ifdef DS3_HAVE_NCCL
+  static void ncclCheck(ncclResult_t r, const char* what) {
+    if (r != ncclSuccess) throw std::runtime_error(std::string("NCCL error in ") + what + ": " + ncclGetErrorString(r));
+  }
+  ncclComm_t comm_ = nullptr;
+#endif
+  int commSize_ = 1;
 
   Napi::Value Profile(const Napi::CallbackInfo& info) {
     use();
+    barrier();
     CK(cudaStreamSynchronize(stream_));
     prof_ = info[0].ToBoolean();
+    graphs_.enabled = graphsWanted_ && !prof_;
     recs_.clear();
     evNext_ = 0;
     return info.Env().Undefined();
@@ -1008,6 +1346,7 @@ class Context : public Napi::ObjectWrap<Context> {
   // profileReport() -> [{name, ms, count}] summed per op name, in first-seen order
   Napi::Value ProfileReport(const Napi::CallbackInfo& info) {
     use();
+    barrier();
     CK(cudaStreamSynchronize(stream_));
     std::vector<std::string> order;
     std::map<std::string, std::pair<double, int>> agg;
@@ -1034,6 +1373,7 @@ class Context : public Napi::ObjectWrap<Context> {
   }
   Napi::Value MemInfo(const Napi::CallbackInfo& info) {
     use();
+    barrier();
     size_t fr = 0, tot = 0;
     CK(cudaMemGetInfo(&fr, &tot));
     auto o = Napi::Object::New(info.Env());
@@ -1044,6 +1384,7 @@ class Context : public Napi::ObjectWrap<Context> {
     return o;
   }
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    if (alive_) use();
     release();
     return info.Env().Undefined();
   }
@@ -1062,10 +1403,14 @@ class Context : public Napi::ObjectWrap<Context> {
   std::vector<ExpSet> sets_;
   std::vector<DevCache> caches_;
   bool prof_ = false;
+  bool graphsWanted_ = false;
+  bool capturing_ = false;
   std::string path_;
   std::vector<Rec> recs_;
   std::vector<cudaEvent_t> evPool_;
   size_t evNext_ = 0;
+  friend class ds3g::StepGraphs<Context>;
+  ds3g::StepGraphs<Context> graphs_{*this};  // last: destroyed first (release() already emptied it)
 };
 
 // probe() -> {ok, devices} | {ok: false, reason}
@@ -1114,6 +1459,15 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Context", Context::Define(env));
   exports.Set("probe", Napi::Function::New(env, Probe));
   exports.Set("built", Napi::String::New(env, "cuda"));
+#ifdef DS3_HAVE_NCCL
+  {
+    int v = 0;
+    ncclGetVersion(&v);
+    exports.Set("nccl", Napi::Number::New(env, v));
+  }
+#else
+  exports.Set("nccl", Napi::Number::New(env, 0));
+#endif
   return exports;
 }
 

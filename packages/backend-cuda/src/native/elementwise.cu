@@ -173,6 +173,17 @@ __global__ void argmax_final_kernel(const float* pv, const int* pi, int chunks, 
   for (int o = 16; o > 0; o >>= 1) argmax_merge(best, idx, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, idx, o));
   if (threadIdx.x == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
 }
+__global__ void gather_cols_kernel(const float* __restrict__ g, int ws, int rows, int cols, float* __restrict__ y) {
+  const int r = blockIdx.x, W = ws * cols;
+  for (int c = threadIdx.x; c < W; c += blockDim.x) {
+    const int k = c / cols;
+    y[int64_t(r) * W + c] = g[(int64_t(k) * rows + r) * cols + (c - k * cols)];
+  }
+}
+void launch_gather_cols(cudaStream_t s, const float* g, int ws, int rows, int cols, float* y) {
+  if (rows > 0 && cols > 0) gather_cols_kernel<<<rows, 256, 0, s>>>(g, ws, rows, cols, y);
+}
+
 void launch_argmax(cudaStream_t s, const float* x, int T, int N, int chunks, float* pv, int* pi, int* out) {
   if (T <= 0) return;
   argmax_partial_kernel<<<dim3(T, chunks), 256, 0, s>>>(x, N, pv, pi);

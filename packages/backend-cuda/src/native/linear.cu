@@ -75,13 +75,13 @@ __device__ __forceinline__ void dequant16(const WDesc& w, int64_t row, int k, co
   }
 }
 
-template <int WT, int MC, bool DUAL, int KS>
+template <int WT, int MC, bool DUAL, int KS, int UD = 1>
 __global__ void __launch_bounds__(256, (MC <= 2 || (MC <= 4 && !DUAL)) ? 2 : 1) gemv_kernel(const GemmArgs p) {
   // KS > 1: the KS warps of a row slot split K (few output rows: more blocks in flight), summed in shared memory
   __shared__ float red[KS > 1 ? 8 * 2 * MC * (DUAL ? 2 : 1) : 1];
   constexpr int R = 2;  // weight rows per warp
   // 16-element chunks in flight per lane and row (the fused pair streams two weights)
-  constexpr int U = WT == W_F8 ? (DUAL ? 1 : 4) : (DUAL ? 1 : 2);
+  constexpr int U = WT == W_F8 ? (DUAL ? UD : 4) : (DUAL ? 1 : 2);
   int e = 0, off = 0, cnt = p.M;
   if (p.g.nActive) {
     if (int(blockIdx.y) >= __ldg(p.g.nActive)) return;
@@ -236,12 +236,18 @@ __global__ void __launch_bounds__(256, (MC <= 2 || (MC <= 4 && !DUAL)) ? 2 : 1) 
 
 static int g_sms = 132;
 void set_sm_count(int n) { g_sms = n; }
+static GemvTuning g_tune;
+GemvTuning gemv_tuning() { return g_tune; }
+void set_gemv_tuning(const GemvTuning& t) { g_tune = t; }
 
 template <int WT, int MC, bool DUAL>
 static void gemv_go(cudaStream_t s, const GemmArgs& a, int slots, int z) {
   int groups = (a.N + GEMV_ROWS_PER_BLOCK - 1) / GEMV_ROWS_PER_BLOCK;
-  // few output rows and a long K: split K over the warps of a block (2 rows per block)
-  const bool ks = !DUAL && MC != 2 && groups * slots * z < 2 * g_sms && a.K >= 2048;
+  // few output rows and a long K: split K over the warps of a block (2 rows per block). With ksLongK also
+  // for FP8 rows streamed one token at a time with K >= 4096: blocks of 2 rows balance the last wave of a
+  // few-thousand-row matrix (16-row blocks leave up to a third of the GPU idle in the tail)
+  const bool longK = g_tune.ksLongK && WT == W_F8 && MC == 1 && a.K >= 4096;
+  const bool ks = !DUAL && MC != 2 && (groups * slots * z < 2 * g_sms || longK) && a.K >= 2048;
   if (ks) groups = (a.N + 1) / 2;
   // about 4 blocks per SM in all, each walking several row groups
   const int per = std::max(1, (4 * g_sms + slots * z - 1) / (slots * z));
@@ -249,6 +255,12 @@ static void gemv_go(cudaStream_t s, const GemmArgs& a, int slots, int z) {
   if constexpr (!DUAL && MC != 2) {
     if (ks) {
       gemv_kernel<WT, MC, false, 8><<<grid, 256, 0, s>>>(a);
+      return;
+    }
+  }
+  if constexpr (WT == W_F8 && DUAL && MC == 1) {
+    if (g_tune.dualU == 2) {
+      gemv_kernel<WT, MC, DUAL, 1, 2><<<grid, 256, 0, s>>>(a);
       return;
     }
   }

@@ -64,6 +64,13 @@ constexpr int TC_BM = 64, TC_BN = 128, TC_BK = 128;
 
 /** tell the launchers how many SMs the device has (grid sizing) */
 void set_sm_count(int n);
+/** launch heuristics of the GEMV that can be switched at run time (benchmarks compare them) */
+struct GemvTuning {
+  int ksLongK = 0;  // FP8, one row at a time, K >= 4096: split K over the 8 warps of a block (2 rows per block)
+  int dualU = 2;    // fused gate/up (MoE, one token): 16-byte chunks in flight per lane and row (1 or 2)
+};
+GemvTuning gemv_tuning();
+void set_gemv_tuning(const GemvTuning& t);
 void launch_gemv(cudaStream_t s, const GemmArgs& a, int wtype, bool dual, int slots, int z, int mc);
 void launch_simt(cudaStream_t s, const GemmArgs& a, int wtype, int mtiles, int z);
 void launch_tc(cudaStream_t s, const GemmArgs& a, bool fp8a, bool wbf16, int mtiles);
@@ -86,6 +93,12 @@ void launch_rows(cudaStream_t s, const float* x, int C, const int* rows, int n, 
 void launch_rope(cudaStream_t s, const float* x, int T, int H, int hd, int off, int rd, const int* pos, const float* inv,
                  float attn, float* y, int round);
 void launch_argmax(cudaStream_t s, const float* x, int T, int N, int chunks, float* pv, int* pi, int* out);
+/** [ws, rows, cols] (ranks' blocks, as ncclAllGather leaves them) -> [rows, ws * cols] */
+void launch_gather_cols(cudaStream_t s, const float* g, int ws, int rows, int cols, float* y);
+/** sampling on the device (sample.cu): params float64 [T, 4] = temperature, top_k, top_p, min_p; u float64 [T];
+ *  scratch float64 [T, N]; ids [T] (-1: the row has NaN/+inf or nothing finite), logprobs [T] */
+void launch_sample(cudaStream_t s, const float* x, int T, int N, const double* params, const double* u, double* scratch, int* ids,
+                   float* logprobs);
 void launch_fill_random(cudaStream_t s, void* out, int dtype, int64_t n, uint64_t seed, float amp);
 void launch_fill_const(cudaStream_t s, float* out, int64_t n, float v);
 void launch_dequant_f32(cudaStream_t s, const uint8_t* w, const float* scale, int64_t rows, int64_t cols, int sc, int o0, int o1,
