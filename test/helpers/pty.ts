@@ -2,16 +2,7 @@
 // `script` allocates the pty (no native module needed); bytes written to it are typed keys
 // (so "\x03" is Ctrl-C, delivered by the terminal), and everything the command prints
 // comes back on one stream.
-import { type ChildProcessWithoutNullStreams, execFileSync, spawn } from "node:child_process";
-
-export function hasScript(): boolean {
-  try {
-    execFileSync("script", ["--version"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
-}
+import { type ChildProcessWithoutNullStreams, spawn } from "node:child_process";
 
 const quote = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;
 

@@ -10,10 +10,9 @@ import { describe, expect, it } from "vitest";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const cxx = process.env.CXX || "g++";
-const hasCxx = spawnSync(cxx, ["--version"]).status === 0;
-if (!hasCxx) console.log(`[@ds3/backend-cuda] graph recorder test skipped: no C++ compiler (${cxx})`);
+// a C++ compiler is required to build the packages at all, so this test always runs
 
-describe.skipIf(!hasCxx)("CUDA graph recorder (mock device)", () => {
+describe("CUDA graph recorder (mock device)", () => {
   it("replays give the eager results, diverging steps fall back, unsafe captures are abandoned", () => {
     const dir = mkdtempSync(join(tmpdir(), "ds3-graphs-"));
     try {
