@@ -265,3 +265,27 @@ describe("engine over parallel ranks", () => {
     }
   });
 });
+
+describe("engine over failing ranks", () => {
+  for (const kind of ["throw", "exit", "hang"] as const) {
+    it(`a rank that ${kind}s fails every request it holds with the error, nothing hangs, the engine shuts down`, async () => {
+      const ex = await RankExecutor.create(g.dir, {
+        backendPackage: cpu.entry!,
+        cache: { numBlocks: 32, blockSize: 64, dtype: "f32" },
+        worldSize: 2,
+        mtp: false,
+        stepTimeoutMs: 2000,
+        faultInjection: { rank: 1, kind, atStep: 3 },
+      });
+      const e = new Engine({ executor: ex, eosIds: [] });
+      const prompts = randomPrompts(6, 9, 3, 40);
+      const results = await Promise.allSettled(prompts.map((p) => run(e, p, { temperature: 0, maxTokens: 20 })));
+      for (const r of results) {
+        expect(r.status).toBe("rejected");
+        expect(String((r as PromiseRejectedResult).reason)).toMatch(/engine step failed: RankExecutor: rank 1 (failed|exited|did not answer)/);
+      }
+      expect(() => e.generate({ promptIds: [1, 2, 3] })).toThrow(/engine failed: RankExecutor: rank 1/);
+      await e.close();
+    }, 30_000);
+  }
+});

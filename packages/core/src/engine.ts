@@ -289,8 +289,8 @@ export class Engine {
   }
 
   private admit(req: GenerateRequest): Seq {
-    if (this.closed) throw new EngineError("engine is shut down", "engine_closed");
     if (this.failure) throw new EngineError(`engine failed: ${this.failure.message}`, "engine_failed");
+    if (this.closed) throw new EngineError("engine is shut down", "engine_closed");
     const ids = req.promptIds;
     const V = this.executor.vocabSize;
     if (!Array.isArray(ids) || ids.length === 0) throw new EngineError("prompt must have at least one token");
@@ -448,6 +448,9 @@ export class Engine {
       const err = e instanceof Error ? e : new Error(String(e));
       this.failure = err;
       for (const s of [...this.running, ...this.waiting]) this.fail(s, new EngineError(`engine step failed: ${err.message}`, "engine_failed"));
+      // shut down cleanly: release the executor (worker ranks end); later requests get the error at once
+      this.closed = true;
+      await this.executor.close().catch(() => {});
     } finally {
       this.loopRunning = false;
     }
@@ -740,7 +743,10 @@ export class Engine {
 
   /** Stop accepting work, abort everything in flight, and close the executor. */
   async close(): Promise<void> {
-    if (this.closed) return;
+    if (this.closed) {
+      while (this.loopRunning) await new Promise((r) => setTimeout(r, 5));
+      return;
+    }
     this.closed = true;
     for (const s of [...this.running, ...this.waiting]) this.abortSeq(s);
     while (this.loopRunning) await new Promise((r) => setTimeout(r, 5));
