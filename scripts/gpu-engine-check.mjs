@@ -66,6 +66,19 @@ for (const precision of [{ activations: "f32", cache: "f32", actQuant: "none" },
   const solo = await run(e3, prompts[5], sp);
   const batch = await Promise.all(prompts.map((p, i) => run(e3, i === 5 ? prompts[5] : p, i === 5 ? sp : { ...sp, seed: i })));
   check(`${tag}: seeded request alone = in a batch of 24`, exact ? same(batch[5], solo) : true, exact ? "" : `(reported) ${same(batch[5], solo)}`);
+  // 5. sampling on the device (backends that can) = sampling on the host, greedy and seeded
+  if (exact) {
+    const spS = (i) => (i % 3 === 0 ? { temperature: 0, maxTokens: 8 } : { temperature: 0.8, topK: i % 2 ? 40 : 0, topP: 0.9, minP: i % 4 === 1 ? 0.05 : 0, seed: 500 + i, maxTokens: 8 });
+    const limit = 1000; // the allowed ids are [0, 1000): the device samples from the first 1000 columns
+    const mk = (device) => new Engine({ executor: ex, eosIds: [], deviceSampling: device, vocabLimit: limit, allowedIds: (id) => id < limit });
+    const eh = mk(false);
+    const host = await Promise.all(prompts.map((p, i) => run(eh, p, spS(i))));
+    const ed = mk(true);
+    const dev = await Promise.all(prompts.map((p, i) => run(ed, p, spS(i))));
+    const ddiff = dev.filter((o, i) => !same(o, host[i])).length;
+    const onDevice = ed.stats().deviceSampledSteps;
+    check(`${tag}: sampling on the device = on the host (greedy and seeded top-k/top-p/min-p, ids < ${limit})`, backend.name === "cpu" || (ddiff === 0 && onDevice > 0 && dev.flat().every((t) => t < limit)), `${ddiff} of 24 differ; ${onDevice} of ${ed.stats().steps} steps sampled on the device`);
+  }
   console.log(`INFO  ${tag}: engine checks took ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   await ex.close();
 }

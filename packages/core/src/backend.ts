@@ -83,6 +83,14 @@ export interface GateConfig {
   routeScale: number;
 }
 
+/** Sampling parameters a backend may apply on the device (no penalties, no masks: those stay on the host). */
+export interface DeviceSampling {
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+}
+
 /** Cross-rank collectives; world size 1 needs none. Synchronous: ranks block until all arrive (worker threads use Atomics; GPUs use NCCL/RCCL/HCCL). */
 export interface Collective {
   readonly rank: number;
@@ -127,6 +135,11 @@ export interface BackendContext {
   moeExperts(x: Tensor, experts: ExpertSet, routing: Tensor, topk: number): Tensor;
   allReduce(x: Tensor): Tensor;
   allGatherCols(x: Tensor): Tensor;
+  /**
+   * Optional: sample one id per row on the device with @ds3/core's Sampler semantics, given each row's
+   * uniform draw `u` (ignored when greedy), so only ids and their log-softmax values cross back.
+   */
+  sample?(logits: Tensor, params: DeviceSampling[], u: Float64Array): { ids: Int32Array; logprobs: Float32Array };
   dispose(): void;
 }
 

@@ -2,8 +2,8 @@
 // caching, preemption by recompute, abort, and speculative decoding (MTP or any drafter).
 // It runs on the main thread and drives an Executor (one rank here, or N ranks in workers)
 // with one step description per step.
-import type { Executor, StepInput } from "./executor.js";
-import { Rng, Sampler, type SampleResult, type SamplingParams, validateSampling } from "./sampling.js";
+import type { Executor, StepInput, StepSampling } from "./executor.js";
+import { GREEDY_EPS, Rng, Sampler, type SampleResult, type SamplingParams, validateSampling } from "./sampling.js";
 
 export class EngineError extends Error {
   override name = "EngineError";
@@ -195,6 +195,13 @@ export interface EngineOptions {
   speculative?: { drafter: "mtp" | Drafter; k?: number };
   /** ids the sampler may emit (the tokenizer's), default all */
   allowedIds?: (id: number) => boolean;
+  /**
+   * The allowed ids are exactly [0, vocabLimit): then steps whose requests need no penalties,
+   * logprobs or logits processors are sampled on the device by backends that can (only ids cross back).
+   */
+  vocabLimit?: number;
+  /** sample on the device when the backend can (default true) */
+  deviceSampling?: boolean;
   eosIds?: number[];
 }
 
@@ -212,6 +219,8 @@ export interface EngineStats {
   specAcceptance: number;
   preemptions: number;
   steps: number;
+  /** steps whose tokens were sampled on the device */
+  deviceSampledSteps: number;
   promptTokens: number;
   generatedTokens: number;
   requestsFinished: number;
@@ -226,8 +235,9 @@ export class Engine {
   private closed = false;
   private failure: Error | null = null;
   private counter = 0;
-  private stats_ = { specProposed: 0, specAccepted: 0, preemptions: 0, steps: 0, promptTokens: 0, generatedTokens: 0, requestsFinished: 0 };
-  readonly opts: Required<Omit<EngineOptions, "speculative" | "allowedIds" | "eosIds">> & Pick<EngineOptions, "speculative" | "allowedIds" | "eosIds">;
+  private stats_ = { specProposed: 0, specAccepted: 0, preemptions: 0, steps: 0, deviceSampledSteps: 0, promptTokens: 0, generatedTokens: 0, requestsFinished: 0 };
+  readonly opts: Required<Omit<EngineOptions, "speculative" | "allowedIds" | "eosIds" | "vocabLimit">> &
+    Pick<EngineOptions, "speculative" | "allowedIds" | "eosIds" | "vocabLimit">;
 
   constructor(opts: EngineOptions) {
     const ex = opts.executor;
@@ -249,6 +259,8 @@ export class Engine {
       speculative: opts.speculative,
       allowedIds: opts.allowedIds,
       eosIds: opts.eosIds,
+      vocabLimit: opts.vocabLimit,
+      deviceSampling: opts.deviceSampling ?? true,
     };
     if (this.opts.prefillChunk < 1 || this.opts.maxBatchTokens < 1) throw new EngineError("prefillChunk and maxBatchTokens must be >= 1");
     this.maxModelLen = maxModelLen;
@@ -276,6 +288,7 @@ export class Engine {
       specAcceptance: s.specProposed ? s.specAccepted / s.specProposed : 0,
       preemptions: s.preemptions,
       steps: s.steps,
+      deviceSampledSteps: s.deviceSampledSteps,
       promptTokens: s.promptTokens,
       generatedTokens: s.generatedTokens,
       requestsFinished: s.requestsFinished,
@@ -608,7 +621,13 @@ export class Engine {
       r += p.n;
     });
     const input: StepInput = { ids, positions, seqIdx, blockTables, maxBlocks, logitRows: Int32Array.from(logitRows) };
-    const logits = await this.executor.step(input);
+    const dev = this.deviceSampling(plan, rowsOf);
+    let logits: Float32Array = new Float32Array(0);
+    let picked: { ids: Int32Array; logprobs: Float32Array } | null = null;
+    if (dev) {
+      picked = await this.executor.stepSampled!(input, dev);
+      this.stats_.deviceSampledSteps++;
+    } else logits = await this.executor.step(input);
     this.stats_.steps++;
     const V = this.executor.vocabSize;
 
@@ -654,12 +673,16 @@ export class Engine {
       let stopId: number | undefined;
       let reason: FinishReason | undefined;
       for (let j = 0; j < count; j++) {
-        let lg = logits.subarray((first + j) * V, (first + j + 1) * V);
-        if (seq.processor) {
-          lg = lg.slice();
-          seq.processor(seq.tokens.slice(seq.promptLen), lg);
+        let s: SampleResult;
+        if (picked) s = { id: picked.ids[first + j]!, logprob: picked.logprobs[first + j]! };
+        else {
+          let lg = logits.subarray((first + j) * V, (first + j + 1) * V);
+          if (seq.processor) {
+            lg = lg.slice();
+            seq.processor(seq.tokens.slice(seq.promptLen), lg);
+          }
+          s = seq.sampler.sample(lg, { prompt: seq.tokens.slice(0, seq.promptLen), output: seq.tokens.slice(seq.promptLen) }, seq.rng);
         }
-        const s = seq.sampler.sample(lg, { prompt: seq.tokens.slice(0, seq.promptLen), output: seq.tokens.slice(seq.promptLen) }, seq.rng);
         seq.tokens.push(s.id);
         produced.push(s.id);
         samples.push(s);
@@ -714,6 +737,35 @@ export class Engine {
         seq.mtpDraft = this.opts.allowedIds && !this.opts.allowedIds(best) ? null : best;
       });
     }
+  }
+
+  /**
+   * Device sampling for this step, when the backend can and every sampled row is plain: one row per
+   * sequence (no drafts), no penalties, logprobs, logits processors or prompt scoring, and the allowed
+   * ids are [0, vocabLimit). Each row's uniform draw comes from its request's RNG exactly as the host
+   * Sampler would take it (none when greedy), so outputs do not depend on where sampling ran.
+   */
+  private deviceSampling(plan: Array<{ seq: Seq; drafts: number[] }>, rowsOf: Array<{ count: number; score: boolean }>): StepSampling | null {
+    const ex = this.executor;
+    if (!this.opts.deviceSampling || !ex.canSampleOnDevice || !ex.stepSampled) return null;
+    if (this.opts.allowedIds && this.opts.vocabLimit === undefined) return null;
+    const rows: Seq[] = [];
+    for (let i = 0; i < plan.length; i++) {
+      const { seq, drafts } = plan[i]!;
+      const { count, score } = rowsOf[i]!;
+      if (count === 0) continue;
+      const sp = seq.sampler.params;
+      if (score || drafts.length || count !== 1 || seq.processor || seq.onPromptLogits || sp.logprobs !== undefined) return null;
+      if ((sp.repetitionPenalty ?? 1) !== 1 || (sp.frequencyPenalty ?? 0) !== 0 || (sp.presencePenalty ?? 0) !== 0) return null;
+      rows.push(seq);
+    }
+    if (rows.length === 0) return null;
+    const params = rows.map((q) => {
+      const sp = q.sampler.params;
+      return { temperature: sp.temperature ?? 1, topK: sp.topK ?? 0, topP: sp.topP ?? 1, minP: sp.minP ?? 0 };
+    });
+    const u = Float64Array.from(rows, (q, i) => (params[i]!.temperature < GREEDY_EPS ? 0 : q.rng.next()));
+    return { params, u, vocabLimit: this.opts.vocabLimit ?? this.executor.vocabSize };
   }
 
   /** MTP rows for positions [start, start+n) of a sequence: hidden of row i with the token after it. */

@@ -1,7 +1,7 @@
 // The executor runs the model for the engine: one step description in, logits out.
 // LocalExecutor runs one rank in this thread; RankExecutor (ranks.ts) runs N ranks in
 // worker threads with the same interface. The engine never knows which it has.
-import type { BackendContext, BackendOptions, BackendProvider, Tensor } from "./backend.js";
+import type { BackendContext, BackendOptions, BackendProvider, DeviceSampling, Tensor } from "./backend.js";
 import { type ModelConfig, parseConfig } from "./config.js";
 import { Transformer } from "./model.js";
 import { Checkpoint } from "./safetensors.js";
@@ -41,6 +41,14 @@ export interface CacheSpec {
   dtype: "f32" | "bf16";
 }
 
+/** Device sampling for a step: one parameter set and one uniform draw per logit row. */
+export interface StepSampling {
+  params: DeviceSampling[];
+  u: Float64Array;
+  /** ids at or past this are never sampled (the tokenizer's vocabulary ends there) */
+  vocabLimit: number;
+}
+
 export interface Executor {
   readonly config: ModelConfig;
   readonly vocabSize: number;
@@ -49,6 +57,10 @@ export interface Executor {
   readonly worldSize: number;
   readonly backendName: string;
   step(input: StepInput): Promise<Float32Array>;
+  /** whether `stepSampled` is there: the backend samples on the device */
+  readonly canSampleOnDevice?: boolean;
+  /** `step`, with the logit rows sampled on the device: only ids and logprobs cross back */
+  stepSampled?(input: StepInput, sampling: StepSampling): Promise<{ ids: Int32Array; logprobs: Float32Array }>;
   mtp(input: MtpInput): Promise<Float32Array>;
   /** latent cache rows of rank 0 (tests: cache contents) */
   readCache(layer: number, slot: number, count: number): Promise<Float32Array>;
@@ -124,6 +136,15 @@ export class LocalExecutor implements Executor {
     const r = this.model.forward(s.ids, s, s.logitRows);
     this.last = r.hidden;
     return r.logits;
+  }
+  get canSampleOnDevice(): boolean {
+    return typeof this.ctx.sample === "function";
+  }
+  async stepSampled(s: StepInput, sampling: StepSampling): Promise<{ ids: Int32Array; logprobs: Float32Array }> {
+    this.ctx.beginStep();
+    const r = this.model.forwardSampled(s.ids, s, s.logitRows, sampling);
+    this.last = r.hidden;
+    return { ids: r.ids, logprobs: r.logprobs };
   }
   async mtp(s: MtpInput): Promise<Float32Array> {
     if (!this.last) throw new Error("mtp() needs a target step first");

@@ -92,6 +92,16 @@ export class DS3 {
     if (existsSync(join(dir, "tokenizer.json")) || cfg.vocabSize >= 128815) tokenizer = await Tokenizer.load(dir);
     const eos = [...cfg.eosTokenId];
     if (tokenizer && !eos.includes(tokenizer.eosId)) eos.push(tokenizer.eosId);
+    // the tokenizer's ids are [0, vocabLimit) when it has no holes: then the device may sample
+    let vocabLimit: number | undefined;
+    if (tokenizer) {
+      vocabLimit = tokenizer.vocabSize;
+      for (let i = 0; i < tokenizer.vocabSize; i++)
+        if (tokenizer.isTextless(i)) {
+          vocabLimit = undefined;
+          break;
+        }
+    }
     const eo: EngineOptions = {
       executor,
       maxModelLen: Math.min(maxLen, numBlocks * DEFAULT_BLOCK),
@@ -102,6 +112,7 @@ export class DS3 {
       speculative: o.speculative,
       eosIds: eos,
       allowedIds: tokenizer ? (id) => !tokenizer!.isTextless(id) : undefined,
+      vocabLimit,
     };
     let engine: Engine;
     try {

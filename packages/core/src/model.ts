@@ -3,7 +3,7 @@
 // MoE, MLP, Block, the MTP block, Head). Weights are read per rank straight from the HF
 // checkpoint: tensor parallel for attention heads, the dense MLP and shared experts;
 // expert parallel for routed experts; vocab parallel embedding and head (DeepSeek's convert.py).
-import type { AttnMeta, BackendContext, ExpertSet, GateConfig, HostWeight, LatentCache, MlaDims, Tensor, Weight, WeightDType } from "./backend.js";
+import type { AttnMeta, BackendContext, DeviceSampling, ExpertSet, GateConfig, HostWeight, LatentCache, MlaDims, Tensor, Weight, WeightDType } from "./backend.js";
 import { type ModelConfig, ropeFrequencies, softmaxScale } from "./config.js";
 import { Checkpoint, CheckpointError, type DType, type HostTensor, type Slice2D } from "./safetensors.js";
 
@@ -360,9 +360,35 @@ export class Transformer {
   }
 
   private logits(head: Weight, hidden: Tensor, rows: Int32Array): Float32Array {
-    const x = this.ctx;
     if (rows.length === 0) return new Float32Array(0);
-    return x.download(x.allGatherCols(x.linear(x.rows(hidden, rows), head)));
+    return this.ctx.download(this.logitsTensor(head, hidden, rows));
+  }
+
+  private logitsTensor(head: Weight, hidden: Tensor, rows: Int32Array): Tensor {
+    const x = this.ctx;
+    return x.allGatherCols(x.linear(x.rows(hidden, rows), head));
+  }
+
+  /**
+   * `forward`, but the rows asked for are sampled on the device (backends with `sample`): only ids
+   * and their logprobs come back. Ids at or past `vocabLimit` are never sampled.
+   */
+  forwardSampled(
+    ids: Int32Array,
+    meta: AttnMeta,
+    logitRows: Int32Array,
+    s: { params: DeviceSampling[]; u: Float64Array; vocabLimit: number },
+  ): { ids: Int32Array; logprobs: Float32Array; hidden: Tensor } {
+    const x = this.ctx;
+    if (!x.sample) throw new Error(`backend ${x.name} cannot sample on the device`);
+    if (!this.cache) throw new Error("allocCache() before forward()");
+    this.checkIds(ids);
+    let h = x.allReduce(x.embed(this.embed, ids, this.vocabStart()));
+    for (const b of this.layers) h = b.forward(h, meta);
+    const hidden = x.rmsNorm(h, this.norm, this.cfg.rmsNormEps);
+    let lt = this.logitsTensor(this.head, hidden, logitRows);
+    if (s.vocabLimit < this.cfg.vocabSize) lt = x.slice(lt, 0, s.vocabLimit);
+    return { ...x.sample(lt, s.params, s.u), hidden };
   }
 
   /**

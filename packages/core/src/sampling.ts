@@ -249,7 +249,7 @@ export interface SampleResult {
 }
 
 /** Temperatures below this sample greedily (vLLM's _SAMPLING_EPS). */
-const GREEDY_EPS = 1e-5;
+export const GREEDY_EPS = 1e-5;
 
 /**
  * Per-request sampler. Order, as vLLM: mask disallowed ids → repetition penalty (prompt+output)
