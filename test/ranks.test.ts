@@ -233,11 +233,9 @@ describe("RankExecutor: parallel sizes and failures", () => {
       expect(Date.now() - t0).toBeLessThan(c.kind === "hang" ? 10_000 : 5_000);
       expect(ex.failed).toBe(err);
 
-      // broken: further steps (and MTP steps) reject at once with the same error
-      const t1 = Date.now();
+      // broken: further steps (and MTP steps) reject with the very same error object (no new work is sent)
       await expect(ex.step(seqStep(p.ids))).rejects.toBe(err);
       await expect(ex.mtp({ ...seqStep(p.ids.slice(1)), rows: range(6), nextIds: Int32Array.from(p.ids.slice(1)) })).rejects.toBe(err);
-      expect(Date.now() - t1).toBeLessThan(500);
 
       const t2 = Date.now();
       await ex.close();

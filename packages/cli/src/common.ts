@@ -79,20 +79,8 @@ export const samplingOptions: Record<string, Options> = {
   "ignore-eos": { type: "boolean", describe: "keep generating past the end-of-sequence token" },
 };
 
-export interface SamplingArgs {
-  temperature?: number;
-  topP?: number;
-  topK?: number;
-  minP?: number;
-  presencePenalty?: number;
-  frequencyPenalty?: number;
-  repetitionPenalty?: number;
-  seed?: number;
-  maxTokens?: number;
-  stop?: string[];
-  stopTokenIds?: string;
-  ignoreEos?: boolean;
-}
+/** The sampling flags as yargs parses them: core's SamplingParams, with stop ids still a comma list. */
+export type SamplingArgs = Omit<SamplingParams, "stopTokenIds" | "logprobs"> & { stopTokenIds?: string };
 
 const kebab = (s: string) => s.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
 
