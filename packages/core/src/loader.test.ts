@@ -401,6 +401,153 @@ describe("safetensors: a bad file fails with an error naming the file and tensor
 });
 
 // ---------------------------------------------------------------------------------------
+// safetensors: the format's own rules (issue 10). safetensors itself rejects all of these:
+// sorted spans start at 0, each begins where the previous ended, the last ends at the end of
+// the file; the header starts with "{", is UTF-8, and has no duplicate keys.
+
+/** A shard split into its header text and its data section (independently of SafetensorsFile). */
+function shardParts(file: string): { json: string; data: Buffer } {
+  const b = readFileSync(file);
+  const hlen = Number(b.readBigUInt64LE(0));
+  return { json: b.subarray(8, 8 + hlen).toString("utf8"), data: b.subarray(8 + hlen) };
+}
+
+/** Write a shard from header bytes and data; `hlen` overrides the declared header length. */
+function writeShard(file: string, header: string | Buffer, data: Uint8Array, hlen?: number): void {
+  const hb = typeof header === "string" ? Buffer.from(header, "utf8") : header;
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(hlen ?? hb.length));
+  writeFileSync(file, Buffer.concat([len, hb, data]));
+}
+
+/** JSON text padded with spaces so that 8 + length is a multiple of 8 (as encodeSafetensors pads). */
+function padded(json: string): string {
+  return json + " ".repeat((8 - ((Buffer.byteLength(json) + 8) % 8)) % 8);
+}
+
+describe("safetensors: the format's rules (spans tile the data section, header starts with {, UTF-8, no duplicate keys)", () => {
+  const SMALL = "model.layers.0.input_layernorm.weight";
+
+  it("a header length 1-3 bytes short (only padding spaces dropped: the JSON still parses) is rejected", () => {
+    for (const short of [1, 2, 3]) {
+      const dir = copyFixture();
+      const p = join(dir, SHARD2);
+      const { json, data } = shardParts(p);
+      expect(json.endsWith(" ".repeat(short)), "the fixture's header is padded").toBe(true);
+      // the same bytes, only the declared length is shorter: the data section starts inside the padding
+      writeShard(p, Buffer.from(json, "utf8"), data, Buffer.byteLength(json) - short);
+      expectCkError(() => Checkpoint.open(dir), new RegExp(`${short} trailing byte\\(s\\) after the last tensor`), { file: p });
+    }
+  });
+
+  it("bytes appended after the data are rejected, naming the last tensor", () => {
+    const dir = copyFixture();
+    const p = join(dir, SHARD2);
+    const { json, data } = shardParts(p);
+    writeShard(p, json, Buffer.concat([data, Buffer.alloc(16)]));
+    const h = JSON.parse(json) as Record<string, { data_offsets: [number, number] }>;
+    const last = Object.entries(h).filter(([k]) => k !== "__metadata__").sort((a, b) => b[1].data_offsets[1] - a[1].data_offsets[1])[0]![0];
+    expectCkError(() => Checkpoint.open(dir), /16 trailing byte\(s\) after the last tensor/, { file: p, tensor: last });
+  });
+
+  it("a tensor re-pointed at bytes appended after the data is rejected (the bytes it left belong to no tensor)", () => {
+    const dir = copyFixture();
+    const p = join(dir, SHARD1);
+    const { json, data } = shardParts(p);
+    const h = JSON.parse(json) as Record<string, { data_offsets: [number, number] }>;
+    const [b, e] = h[SMALL]!.data_offsets;
+    h[SMALL]!.data_offsets = [data.length, data.length + (e - b)];
+    writeShard(p, padded(JSON.stringify(h)), Buffer.concat([data, data.subarray(b, e)]));
+    const err = expectCkError(() => Checkpoint.open(dir), new RegExp(`bytes \\[${b}, ${e}\\) of the data section belong to no tensor`), { file: p });
+    expect(err.tensor).toBeDefined();
+  });
+
+  it("a duplicate JSON key is rejected (JSON.parse would keep the last one)", () => {
+    const dir = copyFixture();
+    const p = join(dir, SHARD1);
+    const { json, data } = shardParts(p);
+    const h = JSON.parse(json) as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+    const other = "model.layers.0.post_attention_layernorm.weight";
+    const dup = `${JSON.stringify(SMALL)}:${JSON.stringify(h[other])}`;
+    const text = json.trimEnd().replace(/}$/, `,${dup}}`);
+    writeShard(p, padded(text), data);
+    expectCkError(() => Checkpoint.open(dir), /duplicate key in the header/, { file: p, tensor: SMALL });
+    // the same key spelled with an escape is the same key
+    const esc = JSON.stringify(SMALL).replace("m", "\\u006d");
+    writeShard(p, padded(json.trimEnd().replace(/}$/, `,${esc}:${JSON.stringify(h[other])}}`)), data);
+    expectCkError(() => Checkpoint.open(dir), /duplicate key in the header/, { file: p, tensor: SMALL });
+  });
+
+  it("a header that does not start with {, or is not UTF-8, is rejected", () => {
+    const d = tmp();
+    const t = { "a.weight": { dtype: "F32", shape: [2], data_offsets: [0, 8] } };
+    const p = join(d, "ws.safetensors");
+    writeShard(p, padded(` ${JSON.stringify(t)}`), new Uint8Array(8));
+    expectCkError(() => new SafetensorsFile(p), /header must start with "\{"/, { file: p });
+    const q = join(d, "utf8.safetensors");
+    const bad = Buffer.concat([Buffer.from('{"a.weight\xff'.slice(0, 10), "latin1"), Buffer.from([0xff, 0xfe]), Buffer.from(`":${JSON.stringify(t["a.weight"])}}`)]);
+    writeShard(q, bad, new Uint8Array(8));
+    expectCkError(() => new SafetensorsFile(q), /header is not valid UTF-8/, { file: q });
+  });
+
+  it("a gap between tensors, or data that does not start at 0, is rejected naming the tensors", () => {
+    const d = tmp();
+    const p = writeRaw(
+      join(d, "gap.safetensors"),
+      { "a.weight": { dtype: "F32", shape: [2], data_offsets: [0, 8] }, "b.weight": { dtype: "F32", shape: [2], data_offsets: [16, 24] } },
+      24,
+    );
+    expectCkError(() => new SafetensorsFile(p), /bytes \[8, 16\) of the data section belong to no tensor \(after tensor "a\.weight"\)/, { file: p, tensor: "b.weight" });
+    const q = writeRaw(join(d, "start.safetensors"), { "a.weight": { dtype: "F32", shape: [2], data_offsets: [8, 16] } }, 16);
+    expectCkError(() => new SafetensorsFile(q), /bytes \[0, 8\) of the data section belong to no tensor/, { file: q, tensor: "a.weight" });
+  });
+
+  it("an empty tensor must sit at a boundary between tensors, not inside one; empty files and empty tensors at the edges are fine", () => {
+    const d = tmp();
+    const p = writeRaw(
+      join(d, "inside.safetensors"),
+      { "a.weight": { dtype: "F32", shape: [4], data_offsets: [0, 16] }, "e.weight": { dtype: "F32", shape: [0], data_offsets: [8, 8] } },
+      16,
+    );
+    expectCkError(() => new SafetensorsFile(p), /empty tensor at offset 8 lies inside tensor "a\.weight"/, { file: p, tensor: "e.weight" });
+    const ok = writeRaw(
+      join(d, "edges.safetensors"),
+      {
+        "e0": { dtype: "F32", shape: [0], data_offsets: [0, 0] },
+        "a.weight": { dtype: "F32", shape: [4], data_offsets: [0, 16] },
+        "e1": { dtype: "F32", shape: [0, 3], data_offsets: [16, 16] },
+      },
+      16,
+    );
+    new SafetensorsFile(ok).close();
+    const none = writeRaw(join(d, "none.safetensors"), { __metadata__: { format: "pt" } }, 0);
+    new SafetensorsFile(none).close();
+  });
+
+  it("__metadata__ must map strings to strings", () => {
+    const d = tmp();
+    const p = writeRaw(join(d, "meta.safetensors"), { __metadata__: { format: 5 }, "a.weight": { dtype: "F32", shape: [1], data_offsets: [0, 4] } }, 4);
+    expectCkError(() => new SafetensorsFile(p), /__metadata__ must map strings to strings/, { file: p });
+  });
+
+  it('index entries whose shard is not a plain file name inside the model directory ("", ".", "..", a directory) name the entry', () => {
+    for (const bad of ["", ".", "..", "sub", 5]) {
+      const dir = copyFixture();
+      mkdirSync(join(dir, "sub"));
+      const ip = join(dir, "model.safetensors.index.json");
+      const ix = JSON.parse(readFileSync(ip, "utf8")) as { weight_map: Record<string, unknown> };
+      ix.weight_map[SMALL] = bad;
+      writeFileSync(ip, JSON.stringify(ix));
+      const e = expectCkError(() => Checkpoint.open(dir), bad === "sub" ? /shard "sub" is a directory, not a file/ : /is not a plain file name inside the model directory/, {
+        file: ip,
+      });
+      expect(e.message).toContain(`weight_map entry "${SMALL}"`);
+      expect(e.message).not.toMatch(/EISDIR/);
+    }
+  });
+});
+
+// ---------------------------------------------------------------------------------------
 // WeightLoader: tensors checked against the config
 
 describe("WeightLoader: missing tensors, wrong shapes and wrong scales are named", () => {

@@ -49,19 +49,33 @@ export class SafetensorsFile {
       if (8 + hlen > size) throw new CheckpointError(`header length ${hlen} runs past the end of the file (${size} bytes)`, path);
       const hbuf = Buffer.alloc(hlen);
       readSync(this.fd, hbuf, 0, hlen, 8);
+      let text: string;
+      try {
+        text = new TextDecoder("utf-8", { fatal: true }).decode(hbuf);
+      } catch {
+        throw new CheckpointError("header is not valid UTF-8", path);
+      }
       let header: Record<string, unknown>;
       try {
-        header = JSON.parse(hbuf.toString("utf8")) as Record<string, unknown>;
+        header = JSON.parse(text) as Record<string, unknown>;
       } catch (e) {
         throw new CheckpointError(`header is not valid JSON (${(e as Error).message})`, path);
       }
       if (typeof header !== "object" || header === null || Array.isArray(header)) throw new CheckpointError("header is not a JSON object", path);
+      // safetensors' own rules: the header starts with "{" (only trailing padding is allowed), and
+      // a key given twice is an error (JSON.parse would silently keep the last one)
+      if (hbuf[0] !== 0x7b) throw new CheckpointError(`header must start with "{" (it starts with ${JSON.stringify(text.slice(0, 1))})`, path);
+      const dup = duplicateKey(text);
+      if (dup) throw new CheckpointError(dup.parent === undefined ? `duplicate key in the header` : `duplicate key "${dup.key}" in the header entry`, path, dup.parent ?? dup.key);
       const dataStart = 8 + hlen;
       const dataLen = size - dataStart;
       const spans: Array<[number, number, string]> = [];
       for (const [tname, v] of Object.entries(header)) {
         if (tname === "__metadata__") {
-          if (v && typeof v === "object") Object.assign(this.metadata, v);
+          if (v === null) continue;
+          if (typeof v !== "object" || Array.isArray(v) || !Object.values(v).every((x) => typeof x === "string"))
+            throw new CheckpointError(`__metadata__ must map strings to strings, got ${JSON.stringify(v).slice(0, 200)}`, path);
+          Object.assign(this.metadata, v);
           continue;
         }
         const t = v as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
@@ -69,11 +83,11 @@ export class SafetensorsFile {
         if (typeof t.dtype !== "string" || !Object.hasOwn(DTYPE_SIZE, t.dtype))
           throw new CheckpointError(`unknown dtype ${JSON.stringify(t.dtype)} (supported: ${Object.keys(DTYPE_SIZE).join(", ")})`, path, tname);
         const dtype = t.dtype as DType;
-        if (!Array.isArray(t.shape) || !t.shape.every((d) => Number.isInteger(d) && d >= 0))
+        if (!Array.isArray(t.shape) || !t.shape.every((d) => Number.isSafeInteger(d) && d >= 0))
           throw new CheckpointError(`bad shape ${JSON.stringify(t.shape)}`, path, tname);
         const shape = t.shape as number[];
         const offs = t.data_offsets;
-        if (!Array.isArray(offs) || offs.length !== 2 || !offs.every((d) => Number.isInteger(d) && d >= 0))
+        if (!Array.isArray(offs) || offs.length !== 2 || !offs.every((d) => Number.isSafeInteger(d) && d >= 0))
           throw new CheckpointError(`bad data_offsets ${JSON.stringify(offs)}`, path, tname);
         const [b, e] = offs as [number, number];
         if (e < b) throw new CheckpointError(`data_offsets [${b}, ${e}] end before they begin`, path, tname);
@@ -87,14 +101,7 @@ export class SafetensorsFile {
         spans.push([b, e, tname]);
         this.tensors.set(tname, { name: tname, dtype, shape, offset: dataStart + b, nbytes: e - b, file: path });
       }
-      // empty tensors occupy no bytes; among the rest, compare each with the one reaching furthest so far
-      spans.sort((x, y) => x[0] - y[0] || x[1] - y[1]);
-      let far: [number, number, string] | undefined;
-      for (const cur of spans) {
-        if (cur[1] === cur[0]) continue;
-        if (far && cur[0] < far[1]) throw new CheckpointError(`data overlaps tensor "${far[2]}"`, path, cur[2]);
-        if (!far || cur[1] > far[1]) far = cur;
-      }
+      checkTiling(spans, dataLen, path);
     } catch (e) {
       closeSync(this.fd);
       throw e;
@@ -152,10 +159,18 @@ export class Checkpoint {
           throw new CheckpointError(`not valid JSON (${(e as Error).message})`, indexPath);
         }
         if (!index || typeof index !== "object" || !index.weight_map || typeof index.weight_map !== "object") throw new CheckpointError(`has no "weight_map"`, indexPath);
+        if (Array.isArray(index.weight_map)) throw new CheckpointError(`"weight_map" must be an object of tensor name -> shard file`, indexPath);
+        // a shard is a plain file name inside the model directory: never "", ".", "..", a path or a directory
+        for (const [t, s] of Object.entries(index.weight_map as Record<string, unknown>))
+          if (typeof s !== "string" || s === "" || s === "." || s === ".." || /[/\\\0]/.test(s))
+            throw new CheckpointError(`weight_map entry "${t}": shard ${JSON.stringify(s)} is not a plain file name inside the model directory`, indexPath);
         const shards = new Set(Object.values(index.weight_map));
         for (const s of shards) {
-          if (typeof s !== "string" || s.includes("/") || s.includes("\\")) throw new CheckpointError(`bad shard name ${JSON.stringify(s)}`, indexPath);
           const p = join(dir, s);
+          if (existsSync(p) && !statSync(p).isFile()) {
+            const t = Object.keys(index.weight_map).find((k) => index.weight_map![k] === s);
+            throw new CheckpointError(`weight_map entry "${t}": shard "${s}" is a directory, not a file`, indexPath);
+          }
           if (!existsSync(p)) {
             const held = Object.keys(index.weight_map).filter((t) => index.weight_map![t] === s);
             throw new CheckpointError(`missing shard "${s}" named by model.safetensors.index.json (it should hold ${held.length} tensor(s), e.g. "${held[0]}")`, p);
@@ -258,6 +273,78 @@ function checkRange(ti: TensorInfo, dim: number, a: number, b: number): void {
   const n = ti.shape[dim]!;
   if (!(Number.isInteger(a) && Number.isInteger(b) && 0 <= a && a < b && b <= n))
     throw new CheckpointError(`slice [${a}, ${b}) of dim ${dim} is outside [0, ${n})`, ti.file, ti.name);
+}
+
+/**
+ * safetensors' layout rule: the tensors' byte spans, sorted, start at 0, each begins where the
+ * previous one ended and the last ends at the end of the file. Anything else (a gap, an overlap,
+ * trailing bytes) means the header length or the offsets are wrong, and the data would be read
+ * from the wrong place. An empty tensor occupies no bytes: it may sit at any boundary between
+ * tensors, not inside one.
+ */
+function checkTiling(spans: Array<[number, number, string]>, dataLen: number, path: string): void {
+  const full = spans.filter((s) => s[1] > s[0]).sort((x, y) => x[0] - y[0] || x[1] - y[1]);
+  const bounds = new Set<number>([0]);
+  let end = 0;
+  let prev: string | undefined;
+  for (const [b, e, name] of full) {
+    if (b < end) throw new CheckpointError(`data overlaps tensor "${prev}"`, path, name);
+    if (b > end)
+      throw new CheckpointError(
+        `bytes [${end}, ${b}) of the data section belong to no tensor (${prev === undefined ? "the first tensor must start at 0" : `after tensor "${prev}"`}): the header length or data_offsets are wrong`,
+        path,
+        name,
+      );
+    end = e;
+    prev = name;
+    bounds.add(e);
+  }
+  if (end !== dataLen)
+    throw new CheckpointError(
+      `${dataLen - end} trailing byte(s) after the last tensor (the data section holds ${dataLen} bytes, the tensors cover ${end}): the header length or data_offsets are wrong, or bytes were appended`,
+      path,
+      prev,
+    );
+  for (const [b, e, name] of spans) {
+    if (e > b || bounds.has(b)) continue;
+    const inside = full.find((s) => s[0] < b && b < s[1])!;
+    throw new CheckpointError(`empty tensor at offset ${b} lies inside tensor "${inside[2]}"`, path, name);
+  }
+}
+
+/**
+ * The first key that appears twice in one object of valid JSON `text` (JSON.parse keeps the last
+ * silently); `parent` is the top-level key whose entry holds it (undefined at the top level).
+ */
+function duplicateKey(text: string): { key: string; parent?: string } | null {
+  const frames: Array<{ keys: Set<string>; last?: string } | null> = []; // null: an array
+  let expectKey = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x22) {
+      let j = i + 1;
+      while (text.charCodeAt(j) !== 0x22) j += text.charCodeAt(j) === 0x5c ? 2 : 1;
+      const top = frames[frames.length - 1];
+      if (top && expectKey) {
+        const k = JSON.parse(text.slice(i, j + 1)) as string;
+        if (top.keys.has(k)) return { key: k, parent: frames.length > 1 ? (frames[0]?.last ?? undefined) : undefined };
+        top.keys.add(k);
+        top.last = k;
+        expectKey = false;
+      }
+      i = j;
+    } else if (c === 0x7b) {
+      frames.push({ keys: new Set() });
+      expectKey = true;
+    } else if (c === 0x5b) {
+      frames.push(null);
+      expectKey = false;
+    } else if (c === 0x7d || c === 0x5d) {
+      frames.pop();
+      expectKey = false;
+    } else if (c === 0x2c) expectKey = frames[frames.length - 1] != null;
+  }
+  return null;
 }
 
 /** Write a safetensors file (used by `ds3 convert`, the built-in model and tests). */
