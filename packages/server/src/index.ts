@@ -8,3 +8,6 @@ export { JsonMasker, isJsonObjectPrefix, initialJsonState, stepBytes, isComplete
 export { ToolCallGrammar } from "./constraints.js";
 export { tokenTable, ByteStreamDecoder, type TokenTable } from "./tokens.js";
 export { parseChatRequest, parseCompletionRequest, type ChatRequest, type CompletionRequestBody, type ToolDef, type ToolChoice } from "./validate.js";
+export { runChat, chatId, type ChatEvent, type ChatChoice, type ChatOutcome, type ChatHooks, type ChatFinishReason } from "./pipeline.js";
+export type { Route, RouteMatch } from "./http.js";
+export type { ServerContext } from "./context.js";

@@ -1,0 +1,201 @@
+// HTTP plumbing: the route table and dispatch, API-key auth, CORS, request bodies (size limit,
+// JSON), and errors as JSON (or as an SSE event once a stream has begun). No model logic here.
+import { createHash, timingSafeEqual } from "node:crypto";
+import type { IncomingMessage, ServerResponse } from "node:http";
+import type { ServerContext } from "./context.js";
+import { ApiError } from "./errors.js";
+import type { Exchange } from "./stream.js";
+import { isObject } from "./validate.js";
+
+const MiB = 1024 * 1024;
+
+/** One endpoint. The table in routes/index.ts lists them all. */
+export interface Route {
+  /** exact path, or a prefix with one trailing parameter: "/v1/models/{id}" */
+  path: string;
+  /** allowed methods; GET routes also answer HEAD where listed */
+  methods: string[];
+  /** needs an API key when the server has keys */
+  auth: boolean;
+  handle(ctx: ServerContext, x: Exchange, m: RouteMatch): Promise<void> | void;
+  /** the error body this route's clients expect (default OpenAI's {"error": {...}}) */
+  errorBody?: (e: ApiError) => unknown;
+}
+
+export interface RouteMatch {
+  url: URL;
+  /** the raw (still percent-encoded) trailing parameter of a "{...}" route */
+  param?: string;
+  /** the request body, read within the limit */
+  body(): Promise<Buffer>;
+  /** the request body as a JSON object (400 otherwise) */
+  json(): Promise<Record<string, unknown>>;
+}
+
+export interface HttpOptions {
+  apiKeys?: string | string[];
+  maxBodyBytes?: number;
+  cors?: boolean | string | string[];
+}
+
+export interface Http {
+  handler(req: IncomingMessage, res: ServerResponse): void;
+}
+
+function sha256(s: string): Buffer {
+  return createHash("sha256").update(s, "utf8").digest();
+}
+
+export function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  if (res.headersSent) {
+    if (!res.writableEnded) res.end();
+    return;
+  }
+  const data = JSON.stringify(body);
+  res.writeHead(status, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(data), ...headers });
+  res.end(data);
+}
+
+/** Answer an error: a JSON error response, or mid-stream an SSE error event and the end. */
+export function sendError(res: ServerResponse, e: unknown, log: (line: string) => void, errorBody: (e: ApiError) => unknown = (e) => e.body()): void {
+  const err =
+    e instanceof ApiError ? e : new ApiError(500, `internal error: ${e instanceof Error ? e.message : String(e)}`, null, "internal_error");
+  if (err.status >= 500) log(`error: ${err.message}`);
+  if (res.headersSent) {
+    if (!res.writableEnded && !res.destroyed) {
+      res.write(`data: ${JSON.stringify(errorBody(err))}\n\n`);
+      res.end();
+    }
+    return;
+  }
+  sendJson(res, err.status, errorBody(err), err.headers);
+}
+
+export function createHttp(ctx: ServerContext, routes: readonly Route[], o: HttpOptions): Http {
+  const maxBody = o.maxBodyBytes ?? 4 * MiB;
+  // API keys: compared in constant time (hashes of equal length, every key checked)
+  const keySource = o.apiKeys ?? (process.env.DS3_API_KEY ? process.env.DS3_API_KEY.split(",") : []);
+  const keyHashes = (typeof keySource === "string" ? [keySource] : keySource).filter((k) => k.length > 0).map((k) => sha256(k));
+  const corsOrigins = o.cors === true ? "*" : o.cors ? (typeof o.cors === "string" ? [o.cors] : o.cors) : null;
+
+  function checkAuth(req: IncomingMessage): void {
+    if (keyHashes.length === 0) return;
+    const h = req.headers.authorization;
+    const m = typeof h === "string" ? /^Bearer\s+(.+)$/i.exec(h.trim()) : null;
+    if (!m) throw new ApiError(401, "Missing API key: send it as 'Authorization: Bearer <key>'", null, "invalid_api_key", "invalid_request_error");
+    const got = sha256(m[1]!.trim());
+    let ok = 0;
+    for (const k of keyHashes) ok |= timingSafeEqual(got, k) ? 1 : 0;
+    if (!ok) throw new ApiError(401, "Incorrect API key provided", null, "invalid_api_key", "invalid_request_error");
+  }
+
+  function setCors(req: IncomingMessage, res: ServerResponse): void {
+    if (!corsOrigins) return;
+    const origin = req.headers.origin;
+    if (corsOrigins === "*") res.setHeader("Access-Control-Allow-Origin", "*");
+    else if (typeof origin === "string" && corsOrigins.includes(origin)) {
+      res.setHeader("Access-Control-Allow-Origin", origin);
+      res.setHeader("Vary", "Origin");
+    }
+  }
+
+  async function readBody(req: IncomingMessage): Promise<Buffer> {
+    const declared = Number(req.headers["content-length"]);
+    const chunks: Buffer[] = [];
+    let size = 0;
+    let over = Number.isFinite(declared) && declared > maxBody;
+    const hardCap = Math.max(maxBody * 4, 16 * MiB);
+    for await (const chunk of req as AsyncIterable<Buffer>) {
+      size += chunk.length;
+      if (size > maxBody) over = true;
+      if (over) {
+        // keep draining (so the client reads our answer) unless it is far too large
+        if (size > hardCap) {
+          req.destroy();
+          break;
+        }
+        continue;
+      }
+      chunks.push(chunk);
+    }
+    if (over) throw new ApiError(413, `request body is larger than the limit of ${maxBody} bytes`, null, "request_too_large");
+    return Buffer.concat(chunks);
+  }
+
+  async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> {
+    const buf = await readBody(req);
+    let v: unknown;
+    try {
+      v = JSON.parse(buf.toString("utf8"));
+    } catch (e) {
+      throw new ApiError(400, `request body is not valid JSON: ${(e as Error).message}`, null, "invalid_json");
+    }
+    if (!isObject(v)) throw new ApiError(400, "request body must be a JSON object", null, "invalid_json");
+    return v;
+  }
+
+  // the table, split into exact paths and "{param}" prefixes
+  const exact = new Map<string, Route>();
+  const prefixed: Array<[string, Route]> = [];
+  for (const r of routes) {
+    const i = r.path.indexOf("{");
+    if (i < 0) exact.set(r.path, r);
+    else prefixed.push([r.path.slice(0, i), r]);
+  }
+  function find(path: string): { route: Route; param?: string } | null {
+    const r = exact.get(path);
+    if (r) return { route: r };
+    for (const [prefix, route] of prefixed) if (path.startsWith(prefix) && path.length > prefix.length) return { route, param: path.slice(prefix.length) };
+    return null;
+  }
+
+  async function dispatch(x: Exchange, url: URL, path: string, found: { route: Route; param?: string } | null): Promise<void> {
+    const { req, res } = x;
+    const method = req.method ?? "GET";
+    setCors(req, res);
+    if (method === "OPTIONS" && corsOrigins) {
+      res.writeHead(204, {
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": String(req.headers["access-control-request-headers"] ?? "authorization, content-type"),
+        "Access-Control-Max-Age": "600",
+      });
+      res.end();
+      return;
+    }
+    if (ctx.closing) throw new ApiError(503, "server is shutting down", null, "shutting_down", "service_unavailable", { Connection: "close" });
+    // everything under /v1/ needs the key, also paths that do not exist
+    if (found?.route.auth || (!found && path.startsWith("/v1/"))) checkAuth(req);
+    if (!found) throw new ApiError(404, `no route for ${method} ${path}`, null, "not_found");
+    const { route, param } = found;
+    if (!route.methods.includes(method))
+      throw new ApiError(405, `method ${method} is not allowed on ${path}`, null, "method_not_allowed", "invalid_request_error", { Allow: route.methods.join(",") });
+    await route.handle(ctx, x, { url, ...(param !== undefined && { param }), body: () => readBody(req), json: () => readJson(req) });
+  }
+
+  function handler(req: IncomingMessage, res: ServerResponse): void {
+    const t0 = performance.now();
+    let url: URL | null = null;
+    let urlError: unknown = null;
+    try {
+      url = new URL(req.url ?? "/", "http://localhost");
+    } catch (e) {
+      urlError = e;
+    }
+    const path = url ? (url.pathname.length > 1 ? url.pathname.replace(/\/+$/, "") : url.pathname) : "";
+    const found = url ? find(path) : null;
+    const endpoint = found ? found.route.path : "other";
+    res.setHeader("X-Content-Type-Options", "nosniff");
+    res.once("close", () => {
+      ctx.metrics.httpRequests.inc({ endpoint, method: req.method ?? "GET", code: String(res.statusCode) });
+      ctx.log(`${req.method} ${req.url} ${res.statusCode} ${(performance.now() - t0).toFixed(1)}ms`);
+    });
+    const run = url ? dispatch({ req, res, t0 }, url, path, found) : Promise.reject(urlError);
+    run.catch((e) => {
+      // a request whose body we did not read keeps the connection busy: close it after answering
+      if (e instanceof ApiError && e.status === 413) res.setHeader("Connection", "close");
+      sendError(res, e, ctx.log, found?.route.errorBody);
+    });
+  }
+
+  return { handler };
+}

@@ -1,0 +1,19 @@
+// The route table: every endpoint the server answers, one line each. A route is a file in this
+// folder exporting a Route (http.ts): its path, methods, whether it needs the API key, and the
+// handler, which gets the server context (context.ts) and the request.
+import type { Route } from "../http.js";
+import { chatRoute } from "./chat.js";
+import { completionsRoute } from "./completions.js";
+import { deepHealthRoute, healthRoute } from "./health.js";
+import { metricsRoute } from "./metrics.js";
+import { modelRoute, modelsRoute } from "./models.js";
+
+export const routes: readonly Route[] = [
+  healthRoute,
+  deepHealthRoute,
+  metricsRoute,
+  modelsRoute,
+  modelRoute,
+  chatRoute,
+  completionsRoute,
+];
