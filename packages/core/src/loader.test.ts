@@ -971,8 +971,11 @@ describe("config: errors name the field", () => {
   });
 
   it("missing field", () => {
-    expectConfigError(() => parseConfig(hf({}, ["hidden_size"]), file), "hidden_size", /is missing/, file);
-    expectConfigError(() => parseConfig(hf({}, ["kv_lora_rank"]), file), "kv_lora_rank", /is missing/, file);
+    // the HF form without model_type: no defaults apply, every field is required
+    expectConfigError(() => parseConfig(hf({}, ["hidden_size", "model_type"]), file), "model_type", /is missing/, file);
+    expectConfigError(() => parseConfig(hf({ model_type: undefined }, ["kv_lora_rank"]), file), "model_type", /is missing/, file);
+    // with model_type deepseek_v3 a missing field takes transformers' default (see below)
+    expect(parseConfig(hf({}, ["hidden_size"]), file).dim).toBe(7168);
     // DeepSeek form
     const ds = JSON.parse(readFileSync(join(SEEDS, "config_671B.json"), "utf8")) as Record<string, unknown>;
     delete ds.n_heads;
@@ -1032,7 +1035,8 @@ describe("config: errors name the field", () => {
 
   it("q_lora_rank: null is accepted as 0 (HF and DeepSeek forms)", () => {
     expect(parseConfig(hf({ q_lora_rank: null })).qLoraRank).toBe(0);
-    expect(parseConfig(hf({}, ["q_lora_rank"])).qLoraRank).toBe(0);
+    // absent, transformers' default (1536) applies; only null means "no q LoRA"
+    expect(parseConfig(hf({}, ["q_lora_rank"])).qLoraRank).toBe(1536);
     const ds = JSON.parse(readFileSync(join(SEEDS, "config_671B.json"), "utf8")) as Record<string, unknown>;
     expect(parseConfig({ ...ds, q_lora_rank: null }).qLoraRank).toBe(0);
     expect(parseConfig({ ...ds, q_lora_rank: 0 }).qLoraRank).toBe(0);
@@ -1136,5 +1140,147 @@ describe("config: DeepSeek's config_671B.json form and the HF form", () => {
     expectConfigError(() => parseConfig({ ...ds, dtype: "int4" }, "config_v3.1.json"), "dtype", /must be one of "fp8", "bf16", got "int4"/, "config_v3.1.json");
     expect(parseConfig({ ...ds, dtype: "bf16", scale_fmt: undefined }).quantization).toBeNull();
     expectConfigError(() => parseConfig({ ...ds, dim: "7168" }), "dim", /must be a number/);
+  });
+});
+
+// transformers' DeepseekV3Config.__init__ defaults (models/deepseek_v3/configuration_deepseek_v3.py), plus the
+// routing fields its model hard-codes and the V3 remote-code config spells out (topk_method "noaux_tc",
+// scoring_func "sigmoid"); num_nextn_predict_layers is not a transformers field (its model has no MTP block)
+const TRANSFORMERS_V3_DEFAULTS = {
+  vocab_size: 129280,
+  hidden_size: 7168,
+  intermediate_size: 18432,
+  moe_intermediate_size: 2048,
+  num_hidden_layers: 61,
+  num_attention_heads: 128,
+  num_key_value_heads: 128,
+  n_shared_experts: 1,
+  n_routed_experts: 256,
+  routed_scaling_factor: 2.5,
+  kv_lora_rank: 512,
+  q_lora_rank: 1536,
+  qk_rope_head_dim: 64,
+  v_head_dim: 128,
+  qk_nope_head_dim: 128,
+  n_group: 8,
+  topk_group: 4,
+  num_experts_per_tok: 8,
+  first_k_dense_replace: 3,
+  norm_topk_prob: true,
+  hidden_act: "silu",
+  max_position_embeddings: 4096,
+  rms_norm_eps: 1e-6,
+  bos_token_id: 0,
+  eos_token_id: 1,
+  tie_word_embeddings: false,
+  rope_theta: 10000,
+  rope_scaling: null,
+  topk_method: "noaux_tc",
+  scoring_func: "sigmoid",
+  num_nextn_predict_layers: 0,
+};
+
+describe("config: missing fields default as transformers' DeepseekV3Config does (model_type deepseek_v3)", () => {
+  const file = join(TINY, "config.json");
+  const base = JSON.parse(readFileSync(file, "utf8")) as Record<string, unknown>;
+
+  it("a config of only model_type: deepseek_v3 is DeepseekV3Config()", () => {
+    const c = parseConfig({ model_type: "deepseek_v3" }, "config.json");
+    expect(c).toEqual(parseConfig({ model_type: "deepseek_v3", ...TRANSFORMERS_V3_DEFAULTS }, "config.json"));
+    expect(c).toMatchObject({
+      vocabSize: 129280,
+      dim: 7168,
+      nLayers: 61,
+      nDenseLayers: 3,
+      nSharedExperts: 1,
+      nRoutedExperts: 256,
+      nExpertGroups: 8,
+      nLimitedGroups: 4,
+      routeScale: 2.5,
+      normTopkProb: true,
+      scoreFunc: "sigmoid",
+      topkMethod: "noaux_tc",
+      qLoraRank: 1536,
+      maxPositionEmbeddings: 4096,
+      nMtpLayers: 0,
+      bosTokenId: 0,
+      eosTokenId: [1],
+    });
+    expect(c.ropeScaling.type).toBe("none");
+  });
+
+  it("each field deleted from tiny-v3's config parses as transformers' default value given explicitly", () => {
+    for (const [k, v] of Object.entries(TRANSFORMERS_V3_DEFAULTS)) {
+      const without = { ...structuredClone(base) };
+      delete without[k];
+      expect(parseConfig(without, file), k).toEqual(parseConfig({ ...structuredClone(base), [k]: v }, file));
+    }
+    // the routing fields of the issue: tiny-v3 has transformers' values, so deleting them changes nothing
+    for (const k of ["topk_method", "norm_topk_prob", "scoring_func", "n_shared_experts", "routed_scaling_factor"]) {
+      const without = { ...structuredClone(base) };
+      delete without[k];
+      expect(parseConfig(without, file), k).toEqual(parseConfig(base, file));
+    }
+  });
+
+  it("without model_type the HF form is refused (nothing says which defaults apply)", () => {
+    const o = { ...structuredClone(base) };
+    delete o.model_type;
+    expectConfigError(() => parseConfig(o, file), "model_type", /is missing/, file);
+  });
+});
+
+describe("config: values are bounded and cross-checked before anything is allocated", () => {
+  const file = join(TINY, "config.json");
+  const base = JSON.parse(readFileSync(file, "utf8")) as Record<string, unknown>;
+  const hf = (patch: Record<string, unknown>) => ({ ...structuredClone(base), ...patch });
+
+  it("absurd sizes are named by field (no 5e8-entry table, no 'Invalid typed array length')", () => {
+    const cases: Array<[string, unknown]> = [
+      ["qk_rope_head_dim", 1e9],
+      ["qk_rope_head_dim", 1e308],
+      ["n_shared_experts", 1e308],
+      ["num_nextn_predict_layers", 1e308],
+      ["hidden_size", 2 ** 40],
+      ["vocab_size", 1e12],
+      ["num_hidden_layers", 1e6],
+      ["n_routed_experts", 1e9],
+      ["kv_lora_rank", 1e9],
+      ["q_lora_rank", 1e9],
+      ["qk_nope_head_dim", 1e9],
+      ["v_head_dim", 1e9],
+      ["intermediate_size", 1e12],
+      ["moe_intermediate_size", 1e12],
+      ["num_attention_heads", 1e6],
+      ["max_position_embeddings", 1e15],
+      ["routed_scaling_factor", 1e308],
+      ["rms_norm_eps", 2],
+      ["rope_theta", 1e300],
+    ];
+    for (const [k, v] of cases) expectConfigError(() => parseConfig(hf({ [k]: v }), file), k, /must be <= /, file);
+    expectConfigError(() => parseConfig(hf({ routed_scaling_factor: 0 }), file), "routed_scaling_factor", /must be > 0/, file);
+    expectConfigError(() => parseConfig(hf({ rms_norm_eps: 0 }), file), "rms_norm_eps", /must be > 0/, file);
+    expectConfigError(() => parseConfig(hf({ rope_scaling: { ...(base.rope_scaling as object), factor: 1e308 } }), file), "rope_scaling.factor", /must be <= /, file);
+    expectConfigError(() => parseConfig(hf({ rope_scaling: { ...(base.rope_scaling as object), original_max_position_embeddings: 1e300 } }), file), "rope_scaling.original_max_position_embeddings", /must be <= /, file);
+    // DeepSeek's own form is bounded the same way
+    const ds = JSON.parse(readFileSync(join(SEEDS, "config_671B.json"), "utf8")) as Record<string, unknown>;
+    expectConfigError(() => parseConfig({ ...ds, n_shared_experts: 1e308 }), "n_shared_experts", /must be <= /);
+    expectConfigError(() => parseConfig({ ...ds, qk_rope_head_dim: 1e9 }), "qk_rope_head_dim", /must be <= /);
+  });
+
+  it("a config whose sizes disagree with the checkpoint stops at the first weight shape they set, naming it", () => {
+    const ck = Checkpoint.open(TINY);
+    try {
+      // kv_a_proj_with_mqa has kv_lora_rank + qk_rope_head_dim rows (q_a_proj does not depend on either)
+      expectCkError(() => new Transformer(hostOnlyContext(), ck, parseConfig(hf({ kv_lora_rank: 160 }))), /shape \[160, 256\] disagrees with the config, which needs \[192, 256\]/, {
+        tensor: "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+      });
+      // an in-bounds but wrong qk_rope_head_dim is named at q_b_proj (heads x (nope + rope) rows)
+      expectCkError(() => new Transformer(hostOnlyContext(), ck, parseConfig(hf({ qk_rope_head_dim: 4096 }))), /disagrees with the config, which needs \[16640, 192\]/, {
+        tensor: "model.layers.0.self_attn.q_b_proj.weight",
+      });
+    } finally {
+      ck.close();
+    }
   });
 });
