@@ -1284,3 +1284,42 @@ describe("config: values are bounded and cross-checked before anything is alloca
     }
   });
 });
+
+describe("non-finite values in the small vectors are refused at load (norms, router bias, FP8 scales)", () => {
+  /** Copy `src` and overwrite element `index` of `tensor` (in its shard) with `value` in the tensor's dtype. */
+  function poison(src: string, tensor: string, index: number, value: number): { dir: string; file: string } {
+    const dir = copyFixture(src);
+    const ix = JSON.parse(readFileSync(join(dir, "model.safetensors.index.json"), "utf8")) as { weight_map: Record<string, string> };
+    const file = join(dir, ix.weight_map[tensor]!);
+    const { b, start, h } = rawHeader(file);
+    const e = h[tensor]!;
+    const at = start + e.data_offsets[0];
+    if (e.dtype === "F32") b.writeFloatLE(value, at + index * 4);
+    else if (e.dtype === "BF16") {
+      const f = Buffer.alloc(4);
+      f.writeFloatLE(value);
+      b.writeUInt16LE(f.readUInt32LE() >>> 16, at + index * 2);
+    } else throw new Error(`test fixture: cannot poison ${e.dtype}`);
+    writeFileSync(file, b);
+    return { dir, file };
+  }
+
+  const cases: Array<[string, string, number, number, RegExp]> = [
+    [TINY, "model.layers.1.mlp.gate.e_score_correction_bias", 5, NaN, /non-finite value NaN at element 5 of 16/],
+    [TINY, "model.layers.2.input_layernorm.weight", 17, Infinity, /non-finite value Infinity at element 17 of 256/],
+    [TINY, "model.norm.weight", 0, -Infinity, /non-finite value -Infinity at element 0 of 256/],
+    [TINY, "model.layers.0.self_attn.kv_a_layernorm.weight", 3, NaN, /non-finite value NaN at element 3 of 128/],
+    [TINY, `${KV_B}_scale_inv`, 2, NaN, /non-finite scale NaN at element 2 of 4/],
+    [TINY_BF16, "model.layers.2.post_attention_layernorm.weight", 9, NaN, /non-finite value NaN at element 9 of 256/],
+  ];
+  for (const [src, tensor, index, value, re] of cases)
+    it(`${basename(src)}: ${value} in ${tensor}`, () => {
+      const { dir, file } = poison(src, tensor, index, value);
+      const ck = Checkpoint.open(dir);
+      try {
+        expectCkError(() => new Transformer(hostOnlyContext(), ck, tinyConfig(src)), re, { file, tensor });
+      } finally {
+        ck.close();
+      }
+    });
+});

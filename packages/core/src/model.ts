@@ -6,6 +6,7 @@
 import type { AttnMeta, BackendContext, DeviceSampling, ExpertSet, GateConfig, HostWeight, LatentCache, MlaDims, Tensor, Weight, WeightDType } from "./backend.js";
 import { type ModelConfig, ropeFrequencies, softmaxScale } from "./config.js";
 import { Checkpoint, CheckpointError, type DType, type HostTensor, type Slice2D } from "./safetensors.js";
+import { checkFinite } from "./checks.js";
 
 export interface RankInfo {
   rank: number;
@@ -66,6 +67,7 @@ export class WeightLoader implements WeightSource {
     if (split === "cols" && ws > 1) slice.cols = [(rank * C) / ws, ((rank + 1) * C) / ws];
     const t: HostTensor = shape.length === 1 ? this.ck.read(name) : this.ck.readSlice(name, slice);
     this.onRead?.(t.data.length);
+    if (shape.length === 1) checkFinite(t.data, ti.dtype, ti.file, name); // norms: one NaN poisons everything
     const rows = slice.rows ? slice.rows[1] - slice.rows[0] : R;
     const cols = slice.cols ? slice.cols[1] - slice.cols[0] : C;
     const w: HostWeight = { name, dtype, shape: [rows, cols], data: t.data };
@@ -83,6 +85,7 @@ export class WeightLoader implements WeightSource {
       const bc: [number, number] = [Math.floor(c0 / 128), Math.floor((c0 + cols - 1) / 128) + 1];
       const s = this.ck.readSlice(sname, { rows: br, cols: bc });
       w.scale = toF32(s);
+      checkFinite(w.scale, si.dtype, si.file, sname, "scale");
       w.scaleShape = [br[1] - br[0], bc[1] - bc[0]];
       w.scaleOrigin = [r0 % 128, c0 % 128];
     }
@@ -93,7 +96,9 @@ export class WeightLoader implements WeightSource {
   vector(name: string, n: number): Float32Array {
     const ti = this.ck.info(name);
     if (ti.shape.length !== 1 || ti.shape[0] !== n) throw new CheckpointError(`shape [${ti.shape.join(", ")}] disagrees with the config, which needs [${n}]`, ti.file, name);
-    return toF32(this.ck.read(name));
+    const v = toF32(this.ck.read(name));
+    checkFinite(v, ti.dtype, ti.file, name); // a NaN router bias changes routing with finite output
+    return v;
   }
 }
 
@@ -317,9 +322,6 @@ export class Transformer {
     this.rank = opts.rank ?? { rank: 0, worldSize: 1 };
     checkParallel(cfg, this.rank.worldSize);
     this.loader = source instanceof Checkpoint ? new WeightLoader(source, this.rank, opts.onRead) : source;
-    const rf = ropeFrequencies(cfg);
-    this.invFreq = rf.invFreq;
-    this.attnFactor = rf.attnFactor;
     const L = this.loader;
     this.embed = ctx.weight(L.host("model.embed_tokens.weight", [cfg.vocabSize, cfg.dim], "rows"));
     for (let i = 0; i < cfg.nLayers; i++) this.layers.push(new Block(this, i));
@@ -329,6 +331,10 @@ export class Transformer {
     if (wantMtp && cfg.nMtpLayers > 0) this.mtp = new MTP(this, cfg.nLayers);
     this.cacheWidth = cfg.kvLoraRank + cfg.qkRopeHeadDim;
     this.cacheLayers = cfg.nLayers + (this.mtp ? 1 : 0);
+    // derived tables only once the checkpoint's shapes have agreed with the config
+    const rf = ropeFrequencies(cfg);
+    this.invFreq = rf.invFreq;
+    this.attnFactor = rf.attnFactor;
   }
 
   /** Allocate the paged latent cache (this rank holds the whole latent: MLA's cache is shared by all heads). */
