@@ -81,8 +81,9 @@ export function createHttp(ctx: ServerContext, routes: readonly Route[], o: Http
   function checkAuth(req: IncomingMessage): void {
     if (keyHashes.length === 0) return;
     const h = req.headers.authorization;
-    const m = typeof h === "string" ? /^Bearer\s+(.+)$/i.exec(h.trim()) : null;
-    if (!m) throw new ApiError(401, "Missing API key: send it as 'Authorization: Bearer <key>'", null, "invalid_api_key", "invalid_request_error");
+    const x = req.headers["x-api-key"]; // Anthropic's clients send the key this way
+    const m = typeof h === "string" ? /^Bearer\s+(.+)$/i.exec(h.trim()) : typeof x === "string" && x.trim() ? [x, x] : null;
+    if (!m) throw new ApiError(401, "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'", null, "invalid_api_key", "invalid_request_error");
     const got = sha256(m[1]!.trim());
     let ok = 0;
     for (const k of keyHashes) ok |= timingSafeEqual(got, k) ? 1 : 0;

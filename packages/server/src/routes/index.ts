@@ -5,8 +5,12 @@ import type { Route } from "../http.js";
 import { chatRoute } from "./chat.js";
 import { completionsRoute } from "./completions.js";
 import { deepHealthRoute, healthRoute } from "./health.js";
+import { messagesRoute } from "./messages.js";
 import { metricsRoute } from "./metrics.js";
 import { modelRoute, modelsRoute } from "./models.js";
+import { detokenizeRoute, tokenizeRoute } from "./tokenize.js";
+import { versionRoute } from "./version.js";
+import { responsesRoute } from "./responses.js";
 
 export const routes: readonly Route[] = [
   healthRoute,
@@ -16,4 +20,6 @@ export const routes: readonly Route[] = [
   modelRoute,
   chatRoute,
   completionsRoute,
+  responsesRoute,
+  messagesRoute,
 ];
