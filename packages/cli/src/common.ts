@@ -5,7 +5,7 @@ import { join, resolve } from "node:path";
 import type { Argv, Options } from "yargs";
 import { DS3, SamplingError, type SamplingParams, Tokenizer, builtinModelDir, loadConfig, validateSampling } from "@ds3/core";
 import { getBackend } from "./backends.js";
-import { ProgressBar, UsageError, fmtBytes, notice } from "./ui.js";
+import { ProgressBar, UsageError, fmtBytes, notice, warn } from "./ui.js";
 
 export interface GlobalArgs {
   verbose?: boolean;
@@ -166,6 +166,7 @@ export async function loadModel(a: ModelArgs, o: { mtp?: boolean } = {}): Promis
     ...(a.prefixCaching !== undefined && { prefixCaching: a.prefixCaching }),
     ...((o.mtp ?? a.mtp) && { speculative: { drafter: "mtp" as const } }),
     onProgress,
+    onWarning: warn,
     onWeights: (done, total) => {
       // a bar on a terminal; in logs only for checkpoints big enough to take a while
       if (!bar && !process.stderr.isTTY && total < 2 ** 30) return;

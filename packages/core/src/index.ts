@@ -11,3 +11,4 @@ export * from "./ranks.js";
 export * from "./llm.js";
 export * from "./builtin.js";
 export * from "./convert.js";
+export * from "./checks.js";

@@ -9,6 +9,7 @@ import { RankExecutor } from "./ranks.js";
 import { type SampleResult, type SamplingParams, StopMatcher } from "./sampling.js";
 import { type ChatMessage, Tokenizer } from "./tokenizer.js";
 import { ensureBuiltinModel } from "./builtin.js";
+import { warnUnusedTensors } from "./checks.js";
 
 export interface LoadOptions {
   /** checkpoint directory; default: the built-in tiny model (generated on first use) */
@@ -31,6 +32,8 @@ export interface LoadOptions {
   onProgress?: (message: string) => void;
   /** weights read so far (bytes) of the whole checkpoint; at --tp 1 (ranks load in parallel workers) */
   onWeights?: (done: number, total: number) => void;
+  /** warnings about the checkpoint (e.g. tensors the model never reads); default: process.emitWarning */
+  onWarning?: (message: string) => void;
 }
 
 export interface CompletionRequest {
@@ -87,6 +90,7 @@ export class DS3 {
       tp === 1
         ? new LocalExecutor(dir, { backend: o.backend, backendOptions, cache, mtp, onWeights: o.onWeights })
         : await RankExecutor.create(dir, { backendPackage: backendEntry(o.backend), backendOptions, cache, mtp, worldSize: tp });
+    warnUnusedTensors(dir, cfg, o.onWarning);
     let tokenizer: Tokenizer | null = null;
     // a checkpoint without tokenizer files gets the DeepSeek-V3 tokenizer only if the vocabularies fit
     if (existsSync(join(dir, "tokenizer.json")) || cfg.vocabSize >= 128815) tokenizer = await Tokenizer.load(dir);

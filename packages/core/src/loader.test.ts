@@ -10,6 +10,7 @@ import type { BackendContext, HostWeight } from "./backend.js";
 import { ConfigError, type ModelConfig, parseConfig } from "./config.js";
 import { Transformer, WeightLoader } from "./model.js";
 import { Checkpoint, CheckpointError, DTYPE_SIZE, type DType, encodeSafetensors, SafetensorsFile } from "./safetensors.js";
+import { summarizeNames, unusedTensors, warnUnusedTensors } from "./checks.js";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
 const TINY = join(ROOT, "test/fixtures/tiny-v3");
@@ -1322,4 +1323,49 @@ describe("non-finite values in the small vectors are refused at load (norms, rou
         ck.close();
       }
     });
+});
+
+describe("checkpoint tensors the model never reads are named (one warning)", () => {
+  const raw = () => JSON.parse(readFileSync(join(TINY, "config.json"), "utf8")) as Record<string, unknown>;
+  const unused = (dir: string, cfg: ModelConfig) => {
+    const ck = Checkpoint.open(dir);
+    try {
+      return unusedTensors(ck, cfg).sort();
+    } finally {
+      ck.close();
+    }
+  };
+
+  it("tiny-v3 and tiny-v3-bf16 with their own configs: every tensor is read (the MTP block included)", () => {
+    expect(unused(TINY, tinyConfig())).toEqual([]);
+    expect(unused(TINY_BF16, tinyConfig(TINY_BF16))).toEqual([]);
+  });
+
+  it("a config that drops tensors names them: no shared experts, greedy routing, no MTP layer", () => {
+    const shared = unused(TINY, parseConfig({ ...raw(), n_shared_experts: 0 }));
+    expect(shared.length).toBe(4 * 3 * 2); // 3 MoE layers + the MTP layer: gate/up/down, each with its FP8 scale
+    expect(shared.every((n) => /^model\.layers\.[1-4]\.mlp\.shared_experts\.(gate|up|down)_proj\.weight(_scale_inv)?$/.test(n))).toBe(true);
+    const greedy = unused(TINY, parseConfig({ ...raw(), topk_method: "greedy" }));
+    expect(greedy).toEqual([1, 2, 3, 4].map((l) => `model.layers.${l}.mlp.gate.e_score_correction_bias`));
+    const noMtp = unused(TINY, parseConfig({ ...raw(), num_nextn_predict_layers: 0 }));
+    expect(noMtp.length).toBeGreaterThan(0);
+    expect(noMtp.every((n) => n.startsWith("model.layers.4."))).toBe(true);
+  });
+
+  it("an extra tensor in a shard (well formed) is named, and the summary groups numbered names", () => {
+    const dir = copyFixture();
+    const p = join(dir, SHARD2);
+    writeST(p, [...rawAll(p), { name: "model.layers.0.self_attn.rotary_emb.inv_freq", dtype: "F32", shape: [16], data: f32(new Array(16).fill(1)) }], { format: "pt" });
+    const ip = join(dir, "model.safetensors.index.json");
+    const ix = JSON.parse(readFileSync(ip, "utf8")) as { weight_map: Record<string, string> };
+    ix.weight_map["model.layers.0.self_attn.rotary_emb.inv_freq"] = SHARD2;
+    writeFileSync(ip, JSON.stringify(ix));
+    expect(unused(dir, tinyConfig())).toEqual(["model.layers.0.self_attn.rotary_emb.inv_freq"]);
+    const messages: string[] = [];
+    expect(warnUnusedTensors(dir, tinyConfig(), (m) => messages.push(m))).toEqual(["model.layers.0.self_attn.rotary_emb.inv_freq"]);
+    expect(messages).toHaveLength(1);
+    expect(messages[0]).toContain(dir);
+    expect(messages[0]).toMatch(/1 checkpoint tensor\(s\) that the model never reads .*"model\.layers\.0\.self_attn\.rotary_emb\.inv_freq"$/);
+    expect(summarizeNames(["model.layers.1.a.weight", "model.layers.2.a.weight", "lm_head.x"])).toBe('"model.layers.*.a.weight" (2 tensors), "lm_head.x"');
+  });
 });
