@@ -182,7 +182,7 @@ describe("server: raw HTTP safety", () => {
       [{ tool_choice: "always" }, "tool_choice"],
       [{ tool_choice: "required" }, "tool_choice"],
       [{ tools: [{ type: "function", function: { name: "f" } }], tool_choice: { type: "function", function: { name: "g" } } }, "tool_choice"],
-      [{ response_format: { type: "json_schema", json_schema: {} } }, "response_format.type"],
+      [{ response_format: { type: "json_schema", json_schema: "x" } }, "response_format.json_schema"],
     ];
     for (const [patch, param] of chatCases) {
       const r = await post("/v1/chat/completions", { ...chatOk, ...patch });
@@ -194,8 +194,8 @@ describe("server: raw HTTP safety", () => {
     expect(r.json().choices[0].finish_reason).toBe("length");
   });
 
-  it("unknown model, prompt longer than the context, max_tokens beyond it → 400", async () => {
-    const e1 = expectError(await post("/v1/completions", { model: "gpt-4", prompt: [1], max_tokens: 1 }), 400, "model");
+  it("unknown model → 404; prompt longer than the context, max_tokens beyond it → 400", async () => {
+    const e1 = expectError(await post("/v1/completions", { model: "gpt-4", prompt: [1], max_tokens: 1 }), 404, "model");
     expect(e1.code).toBe("model_not_found");
     const long = Array.from({ length: ds3.engine.maxModelLen + 1 }, (_, i) => i % 1000);
     const e2 = expectError(await post("/v1/completions", { prompt: long, max_tokens: 1 }), 400, "prompt");

@@ -16,8 +16,18 @@ export interface LoadOptions {
   model?: string;
   backend: BackendProvider;
   backendOptions?: BackendOptions;
-  /** tensor/expert parallel ranks (worker threads); 1 runs in this thread */
+  /** tensor/expert parallel ranks (worker threads, one per rank) */
   tp?: number;
+  /**
+   * Where the model runs at `tp` 1. "worker" (the default when the backend says where its module
+   * is, `BackendProvider.entry`): in a worker thread of its own (a RankExecutor of one rank), so the
+   * steps never block this thread's event loop — an HTTP server on it keeps answering (/health,
+   * new connections, streams) while a step runs. "thread": in this thread (LocalExecutor; also the
+   * default for providers without `entry`), for tests and debugging: one call stack, no worker, and
+   * the executor's model and backend context at hand; every step blocks the event loop while it runs.
+   * With `tp` > 1 the ranks always run in workers.
+   */
+  executor?: "worker" | "thread";
   /** cache: block count or byte budget; block size 64; dtype fp32 unless given */
   cacheBlocks?: number;
   cacheBytes?: number;
@@ -30,7 +40,7 @@ export interface LoadOptions {
   speculative?: { drafter: "mtp" | Drafter; k?: number };
   precision?: Partial<Precision>;
   onProgress?: (message: string) => void;
-  /** weights read so far (bytes) of the whole checkpoint; at --tp 1 (ranks load in parallel workers) */
+  /** weights read so far (bytes) of the whole checkpoint; at tp 1 only (ranks load in parallel workers) */
   onWeights?: (done: number, total: number) => void;
   /** warnings about the checkpoint (e.g. tensors the model never reads); default: process.emitWarning */
   onWarning?: (message: string) => void;
@@ -75,6 +85,10 @@ export class DS3 {
     const cfg = loadConfig(dir);
     const tp = o.tp ?? 1;
     if (!Number.isInteger(tp) || tp < 1) throw new Error(`--tp must be a positive integer, got ${o.tp}`);
+    if (o.executor !== undefined && o.executor !== "worker" && o.executor !== "thread") throw new Error(`executor must be "worker" or "thread", got ${JSON.stringify(o.executor)}`);
+    if (o.executor === "thread" && tp > 1) throw new Error(`executor "thread" runs one rank; tp ${tp} needs worker ranks`);
+    if (o.executor === "worker" && !o.backend.entry) throw new Error(`backend ${o.backend.name} cannot run in a worker thread (it does not say where its module is: BackendProvider.entry)`);
+    const inThread = tp === 1 && (o.executor === "thread" || (o.executor === undefined && !o.backend.entry));
     const mtp = o.speculative?.drafter === "mtp";
     const dtype = o.cacheDtype ?? "f32";
     const perBlock = cacheBytesPerBlock(cfg, DEFAULT_BLOCK, dtype, cfg.nMtpLayers > 0 && mtp);
@@ -86,10 +100,17 @@ export class DS3 {
     const cache: CacheSpec = { numBlocks, blockSize: DEFAULT_BLOCK, dtype };
     o.onProgress?.(`loading ${builtin ? "the built-in tiny model" : dir} on ${o.backend.name}${tp > 1 ? ` x${tp} ranks` : ""}`);
     const backendOptions = { ...o.backendOptions, precision: { ...o.backendOptions?.precision, ...o.precision, cache: dtype } };
-    const executor: Executor =
-      tp === 1
-        ? new LocalExecutor(dir, { backend: o.backend, backendOptions, cache, mtp, onWeights: o.onWeights })
-        : await RankExecutor.create(dir, { backendPackage: backendEntry(o.backend), backendOptions, cache, mtp, worldSize: tp });
+    const executor: Executor = inThread
+      ? new LocalExecutor(dir, { backend: o.backend, backendOptions, cache, mtp, onWeights: o.onWeights })
+      : await RankExecutor.create(dir, {
+          backendPackage: backendEntry(o.backend),
+          backendOptions,
+          cache,
+          mtp,
+          worldSize: tp,
+          // one rank has no collective to hang in: no step deadline, as in this thread
+          ...(tp === 1 && { stepTimeoutMs: Infinity, onWeights: o.onWeights }),
+        });
     warnUnusedTensors(dir, cfg, o.onWarning);
     let tokenizer: Tokenizer | null = null;
     // a checkpoint without tokenizer files gets the DeepSeek-V3 tokenizer only if the vocabularies fit
@@ -140,9 +161,9 @@ export class DS3 {
     return this.tokenizer.encode(text, { addSpecial: true });
   }
 
-  renderChat(messages: ChatMessage[], opts: { tools?: unknown[]; addGenerationPrompt?: boolean } = {}): { text: string; ids: number[] } {
+  renderChat(messages: ChatMessage[], opts: { tools?: unknown[]; addGenerationPrompt?: boolean; variables?: Record<string, unknown> } = {}): { text: string; ids: number[] } {
     if (!this.tokenizer) throw new Error(`model ${this.modelName} has no tokenizer: chat needs one`);
-    const text = this.tokenizer.applyChatTemplate(messages, { addGenerationPrompt: opts.addGenerationPrompt ?? true, tools: opts.tools as never });
+    const text = this.tokenizer.applyChatTemplate(messages, { addGenerationPrompt: opts.addGenerationPrompt ?? true, tools: opts.tools as never, variables: opts.variables });
     // the template already starts with BOS
     return { text, ids: this.tokenizer.encode(text, { addSpecial: false }) };
   }

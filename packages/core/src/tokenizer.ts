@@ -38,6 +38,8 @@ export interface ChatTemplateOptions {
   addGenerationPrompt?: boolean;
   /** JSON schemas of callable tools, passed to the template as `tools`. */
   tools?: unknown[];
+  /** Extra template variables (e.g. DeepSeek-V3.1's `thinking`); the ones above take precedence. */
+  variables?: Record<string, unknown>;
 }
 
 export interface EncodeOptions {
@@ -187,7 +189,7 @@ export class Tokenizer {
    * holds BOS, so encode it without addSpecial). Template errors, raise_exception() included,
    * throw a TokenizerError.
    */
-  applyChatTemplate(messages: readonly ChatMessage[], { addGenerationPrompt = false, tools }: ChatTemplateOptions = {}): string {
+  applyChatTemplate(messages: readonly ChatMessage[], { addGenerationPrompt = false, tools, variables }: ChatTemplateOptions = {}): string {
     const source = this.chatTemplateSource(tools !== undefined);
     let template = this.templates.get(source);
     if (!template) {
@@ -198,7 +200,7 @@ export class Tokenizer {
       }
       this.templates.set(source, template);
     }
-    const vars: Record<string, unknown> = { messages, tools: tools ?? null, documents: null, add_generation_prompt: addGenerationPrompt };
+    const vars: Record<string, unknown> = { ...variables, messages, tools: tools ?? null, documents: null, add_generation_prompt: addGenerationPrompt };
     for (const key of ["bos_token", "eos_token", "unk_token", "pad_token"]) vars[key] = tokenContent(this.config[key]);
     try {
       // raise_exception is a global of @huggingface/jinja that throws with its message.

@@ -1,15 +1,14 @@
 // What every route shares: the model and its facts (vocabulary, context length, tokenizer),
-// the request checks common to all generating routes, the constraint builders, the metrics and
+// the request checks common to all generating routes, the grammar engine, the metrics and
 // the admission queue. createServer() builds one per server; routes get it as their first argument.
 import type { ChatMessage, Engine, SamplingParams, Tokenizer } from "@ds3/core";
 import { ApiError, invalid } from "./errors.js";
-import { JsonMasker } from "./json.js";
+import { type CompiledGrammar, GrammarError, type Grammars, createGrammars } from "./grammar.js";
 import type { ServerMetrics } from "./metrics.js";
-import { ToolCallGrammar, toolMarkers } from "./constraints.js";
 import type { ReasoningMode } from "./reasoning.js";
 import { Admission } from "./stream.js";
 import { type TokenTable, tokenTable } from "./tokens.js";
-import type { CommonRequest } from "./validate.js";
+import type { CommonRequest, GrammarRequest } from "./validate.js";
 
 /** What the server needs of a loaded model: @ds3/core's DS3 has all of it. */
 export interface ServerModel {
@@ -17,7 +16,7 @@ export interface ServerModel {
   readonly tokenizer: Tokenizer | null;
   readonly modelName: string;
   resolveSampling(p?: SamplingParams): SamplingParams;
-  renderChat(messages: ChatMessage[], opts?: { tools?: unknown[]; addGenerationPrompt?: boolean }): { text: string; ids: number[] };
+  renderChat(messages: ChatMessage[], opts?: { tools?: unknown[]; addGenerationPrompt?: boolean; variables?: Record<string, unknown> }): { text: string; ids: number[] };
 }
 
 export interface ServerContext {
@@ -38,9 +37,10 @@ export interface ServerContext {
   readonly log: (line: string) => void;
   /** true once close() began */
   readonly closing: boolean;
-  jsonMasker(): JsonMasker;
-  /** the tool-call grammar; null when the vocabulary lacks DeepSeek's tool-call tokens */
-  toolGrammar(): ToolCallGrammar | null;
+  /** the grammar engine over this vocabulary (null without a tokenizer) */
+  grammars(): Grammars | null;
+  /** compile a request's constraint: GrammarError → 400 naming the field */
+  compileGrammar(g: GrammarRequest): Promise<CompiledGrammar>;
   /** 404 model_not_found unless `model` is unset or names this server's model */
   checkModel(r: CommonRequest): void;
   /** 400 context_length_exceeded when prompt (+ max_tokens) does not fit */
@@ -66,9 +66,8 @@ export function createContext(o: {
   const eosIds = [...new Set([...(engine.opts.eosIds ?? engine.executor.config.eosTokenId)])];
   const tok = ds3.tokenizer;
   const table: TokenTable | null = tok ? tokenTable(tok, vocabSize) : null;
-  let jsonMasker: JsonMasker | null = null;
-  let toolGrammar: ToolCallGrammar | null | undefined;
-  const getJsonMasker = () => (jsonMasker ??= new JsonMasker(table!, eosIds));
+  let grammars: Grammars | null = null;
+  const getGrammars = () => (table ? (grammars ??= createGrammars(table, eosIds)) : null);
   const admission = new Admission(engine, table, o.metrics, o.maxQueue, o.retryAfter, o.isClosing);
 
   return {
@@ -88,17 +87,20 @@ export function createContext(o: {
     get closing() {
       return o.isClosing();
     },
-    jsonMasker: getJsonMasker,
-    toolGrammar() {
-      if (toolGrammar === undefined) {
-        const m = table ? toolMarkers(table) : null;
-        toolGrammar = m ? new ToolCallGrammar(table!, m, getJsonMasker(), eosIds) : null;
+    grammars: getGrammars,
+    async compileGrammar(g) {
+      const gs = getGrammars();
+      if (!gs) throw invalid(g.param, `model ${modelName} has no tokenizer, so structured output cannot apply`);
+      try {
+        return await gs.compile(g.spec);
+      } catch (e) {
+        if (e instanceof GrammarError) throw invalid(g.param, e.message, "invalid_grammar");
+        throw e;
       }
-      return toolGrammar;
     },
     checkModel(r) {
       if (r.model !== undefined && r.model !== modelName && r.model !== ds3.modelName)
-        throw new ApiError(400, `The model '${r.model}' does not exist; this server serves '${modelName}'`, "model", "model_not_found");
+        throw new ApiError(404, `The model '${r.model}' does not exist; this server serves '${modelName}'`, "model", "model_not_found");
     },
     checkContext(promptLen, r, promptParam) {
       const mt = r.maxTokens;

@@ -11,6 +11,8 @@ export interface ChoiceSpec {
   processor?: Processor;
   /** top-N for prompt scoring (echo + logprobs); undefined: no scoring */
   scorePrompt?: number;
+  /** the stop string that matched stays at the end of the text (vLLM's include_stop_str_in_output) */
+  includeStopStr?: boolean;
 }
 
 export interface PromptScore {
@@ -39,6 +41,15 @@ export interface ChoiceResult {
   tpot: number | null;
   e2e: number;
   queueTime: number | null;
+}
+
+/** min_tokens: the end ids (EOS, stop_token_ids) are masked until `n` tokens were generated. */
+export function minTokens(n: number, endIds: readonly number[]): Processor {
+  const ids = [...new Set(endIds)];
+  return (out, logits) => {
+    if (out.length >= n) return;
+    for (const id of ids) if (id >= 0 && id < logits.length) logits[id] = -Infinity;
+  };
 }
 
 /** A started sequence; run() drives it, calling onDelta for each piece of output. */
@@ -93,11 +104,19 @@ export class ChoiceRun {
     );
   }
 
+  /** the stop string at the start of `rest` that StopMatcher cut at (the one ending first) */
+  private matchedStop(rest: string): string {
+    let best = "";
+    for (const s of this.spec.sampling.stop ?? []) if (s && rest.startsWith(s) && (!best || s.length < best.length)) best = s;
+    return best;
+  }
+
   async run(onDelta: (d: Delta) => void | Promise<void>): Promise<ChoiceResult> {
     this.started = true;
     const ids: number[] = [];
     const samples: SampleResult[] = [];
     let text = "";
+    let raw = ""; // the decoded text before stop strings cut it
     let finish: FinishReason = "abort";
     let metrics: RequestMetrics | undefined;
     let tFirst = 0;
@@ -112,9 +131,11 @@ export class ChoiceRun {
         if (this.decoder) {
           for (const id of ev.ids) piece += this.decoder.push(id);
           if (ev.finishReason) piece += this.decoder.flush();
+          raw += piece;
           const s = this.stop.push(piece);
           piece = s.emit;
           stopped = s.stopped;
+          if (stopped && this.spec.includeStopStr) piece += this.matchedStop(raw.slice(text.length + piece.length));
           if (ev.finishReason && !stopped) piece += this.stop.flush();
         }
         ids.push(...ev.ids);

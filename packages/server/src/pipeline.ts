@@ -7,9 +7,10 @@
 import { randomBytes } from "node:crypto";
 import type { SampleResult } from "@ds3/core";
 import type { ServerContext } from "./context.js";
-import { type Processor, compose, forbid, logitBias } from "./constraints.js";
-import { invalid } from "./errors.js";
-import type { ChoiceResult, ChoiceSpec } from "./generate.js";
+import { type Processor, compose, forbid, logitBias, toolMarkers } from "./constraints.js";
+import { ApiError, invalid } from "./errors.js";
+import type { CompiledGrammar } from "./grammar.js";
+import { type ChoiceResult, type ChoiceSpec, minTokens } from "./generate.js";
 import { ReasoningStreamParser, promptOpensThink, splitReasoning } from "./reasoning.js";
 import { type ActiveRequest, type Exchange, type Usage, finishMetrics, usage } from "./stream.js";
 import { type ParsedToolCall, T, type ToolCallDelta, ToolCallStreamParser, renderToolChat } from "./tools.js";
@@ -85,44 +86,102 @@ function pipe(st: ParseState, text: string, final: boolean): { reasoning: string
   return { reasoning: r.reasoning, content: out.content, calls: out.calls };
 }
 
+/** The prompt of a chat request: the checkpoint's chat template (or, with tools, DeepSeek-V3's
+ *  tool-call format), chat_template_kwargs and reasoning_effort as template variables, and
+ *  continue_final_message / prefix: true leaving the last assistant message open. */
+export function renderPrompt(ctx: ServerContext, r: ChatRequest): { text: string; ids: number[] } {
+  const tok = ctx.tok!;
+  const toolsOn = r.tools !== null && r.toolChoice !== "none";
+  const involvesTools = toolsOn || r.messages.some((m) => m.role === "tool" || (m.tool_calls?.length ?? 0) > 0);
+  const addGen = r.addGenerationPrompt ?? true;
+  const vars: Record<string, unknown> = { ...r.templateVars };
+  if (r.reasoningEffort !== undefined) vars.thinking = r.reasoningEffort !== "none";
+  const hasVars = Object.keys(vars).length > 0;
+  let text: string;
+  const render = (v: Record<string, unknown> | undefined) => ctx.ds3.renderChat(r.messages, { addGenerationPrompt: addGen, ...(v && { variables: v }) }).text;
+  try {
+    if (involvesTools) {
+      if (r.reasoningEffort !== undefined) throw invalid("reasoning_effort", "is not supported together with tools (the tool-call prompt has no thinking switch)");
+      if (hasVars) throw invalid("chat_template_kwargs", "is not supported together with tools (tool prompts use DeepSeek-V3's own tool-call format, not the chat template)");
+      text = renderToolChat(r.messages, r.tools, r.toolChoice, tok.bosToken ?? "", addGen);
+    } else {
+      text = render(hasVars ? vars : undefined);
+      // a variable the template never reads would be silently ignored: name it
+      for (const k of Object.keys(vars)) {
+        const without = { ...vars };
+        delete without[k];
+        const a = render({ ...without, [k]: true });
+        const b = render({ ...without, [k]: false });
+        if (a === b && a === render(without)) {
+          if (r.reasoningEffort !== undefined && k === "thinking" && !(r.templateVars && k in r.templateVars))
+            throw invalid("reasoning_effort", `this model's chat template has no thinking switch (${ctx.modelName})`);
+          throw invalid(`chat_template_kwargs.${k}`, `this model's chat template does not use it`);
+        }
+      }
+    }
+  } catch (e) {
+    if (e instanceof ApiError) throw e;
+    throw invalid("messages", `cannot render the chat template: ${(e as Error).message}`);
+  }
+  if (r.continueFinal) {
+    const last = r.messages[r.messages.length - 1]!;
+    const content = last.content ?? "";
+    const param = r.continueFinal && last.prefix === undefined ? "continue_final_message" : `messages[${r.messages.length - 1}].prefix`;
+    if (content === "") throw invalid(param, "the last message has no content to continue");
+    const at = text.lastIndexOf(content);
+    if (at < 0) throw invalid(param, "the chat template changes the last message's content, so it cannot be continued");
+    text = text.slice(0, at + content.length);
+  }
+  return { text, ids: tok.encode(text, { addSpecial: false }) };
+}
+
+/** The processors of a request's choices: logit_bias, min_tokens, and its grammar (structured
+ *  output, or the tool calls' schemas when tools are on), a fresh matcher per choice. */
+export async function chatSpecs(ctx: ServerContext, r: ChatRequest, promptIds: number[]): Promise<ChoiceSpec[]> {
+  const table = ctx.table!;
+  const toolsOn = r.tools !== null && r.toolChoice !== "none";
+  const base: Processor[] = [];
+  if (r.logitBias) base.push(logitBias(r.logitBias));
+  const callsBegin = table.idOf(T.callsBegin);
+  // tool_choice "none" beside tools: the model must not call any
+  if (r.tools && r.toolChoice === "none" && callsBegin !== undefined) base.push(forbid([callsBegin]));
+  let grammar: CompiledGrammar | null = null;
+  if (toolsOn && toolMarkers(table)) {
+    const choice = r.toolChoice as "auto" | "required" | { name: string };
+    grammar = await ctx.compileGrammar({
+      spec: {
+        type: "tool_calls",
+        tools: r.tools!.map((t) => ({ name: t.function.name, ...(t.function.parameters && { parameters: t.function.parameters }) })),
+        choice,
+        parallel: r.parallelToolCalls && typeof choice !== "object",
+      },
+      param: "tools",
+    });
+  } else {
+    const g = r.grammar ?? (r.jsonMode ? { spec: { type: "json_object" as const }, param: "response_format" } : null);
+    if (g) grammar = await ctx.compileGrammar(g);
+  }
+  const specs: ChoiceSpec[] = [];
+  for (let j = 0; j < r.n; j++) {
+    const sampling = ctx.samplingFor(r, j);
+    const ps = [...base];
+    if (r.minTokens) ps.push(minTokens(r.minTokens, [...ctx.eosIds, ...(sampling.stopTokenIds ?? [])]));
+    if (grammar) ps.push(grammar.processor());
+    specs.push({ index: j, promptIds, sampling, processor: compose(ps), ...(r.includeStopStr && { includeStopStr: true }) });
+  }
+  return specs;
+}
+
 /** Run a chat request: prompt, constraints, admission, generation, parsing. */
 export async function runChat(ctx: ServerContext, x: Exchange, r: ChatRequest, hooks: ChatHooks): Promise<ChatOutcome> {
   const { tok, table } = ctx;
   ctx.checkModel(r);
   if (!tok || !table) throw invalid("messages", `model ${ctx.modelName} has no tokenizer, so it cannot chat: use /v1/completions with token-id prompts`);
 
-  // render the prompt
-  const toolsOn = r.tools !== null && r.toolChoice !== "none";
-  const involvesTools = toolsOn || r.messages.some((m) => m.role === "tool" || (m.tool_calls?.length ?? 0) > 0);
-  let promptText: string;
-  let promptIds: number[];
-  try {
-    if (involvesTools) {
-      promptText = renderToolChat(r.messages, r.tools, r.toolChoice, tok.bosToken ?? "");
-      promptIds = tok.encode(promptText, { addSpecial: false });
-    } else ({ text: promptText, ids: promptIds } = ctx.ds3.renderChat(r.messages));
-  } catch (e) {
-    throw invalid("messages", `cannot render the chat template: ${(e as Error).message}`);
-  }
+  const { text: promptText, ids: promptIds } = renderPrompt(ctx, r);
   ctx.checkContext(promptIds.length, r, "messages");
-
-  // constraints
-  const base: Processor[] = [];
-  if (r.logitBias) base.push(logitBias(r.logitBias));
-  let grammarNames: string[] | null = null;
-  if (toolsOn && (r.toolChoice === "required" || typeof r.toolChoice === "object") && ctx.toolGrammar())
-    grammarNames = typeof r.toolChoice === "object" ? [r.toolChoice.name] : r.tools!.map((t) => t.function.name);
-  const callsBegin = table.idOf(T.callsBegin);
-  // tool_choice "none" beside tools: the model must not call any
-  if (r.tools && r.toolChoice === "none" && callsBegin !== undefined) base.push(forbid([callsBegin]));
-
-  const specs: ChoiceSpec[] = [];
-  for (let j = 0; j < r.n; j++) {
-    const ps = [...base];
-    if (grammarNames) ps.push(ctx.toolGrammar()!.processor(grammarNames, r.parallelToolCalls && typeof r.toolChoice !== "object"));
-    else if (r.jsonMode) ps.push(ctx.jsonMasker().processor().process);
-    specs.push({ index: j, promptIds, sampling: ctx.samplingFor(r, j), processor: compose(ps) });
-  }
+  const specs = await chatSpecs(ctx, r, promptIds);
+  const toolsOn = r.tools !== null && r.toolChoice !== "none";
 
   const opensThink = promptOpensThink(promptText);
   const mode = ctx.reasoningMode;

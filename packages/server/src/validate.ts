@@ -1,8 +1,11 @@
 // Request validation: every known field is type- and range-checked, and any problem is a 400
-// that names the field. Unknown fields are ignored (as the OpenAI API and vLLM do); `null`
+// that names the field. A field the server does not implement is a 400 naming it too (never a
+// silent 200): each route lists the fields it accepts, and fields OpenAI clients send with a
+// default ("store": false, "service_tier": "auto", ...) pass when they mean "unset". `null`
 // means "not given" for every optional field.
 import { MAX_LOGPROBS, type ChatMessage, type SamplingParams, type ToolCall } from "@ds3/core";
 import { invalid } from "./errors.js";
+import type { GrammarSpec } from "./grammar.js";
 
 type Obj = Record<string, unknown>;
 
@@ -49,6 +52,12 @@ export interface ToolDef {
 
 export type ToolChoice = "none" | "auto" | "required" | { name: string };
 
+/** A structured-output constraint and the request field it came from (named in its errors). */
+export interface GrammarRequest {
+  spec: GrammarSpec;
+  param: string;
+}
+
 export interface CommonRequest {
   model?: string;
   n: number;
@@ -62,6 +71,13 @@ export interface CommonRequest {
   jsonMode: boolean;
   /** max_tokens as given (undefined: up to the context) */
   maxTokens?: number;
+  /** the output follows this grammar (response_format json_schema, structured_outputs, guided_*, regex, ebnf);
+   *  json_object may also come as jsonMode */
+  grammar?: GrammarRequest | null;
+  /** min_tokens (vLLM): EOS and stop_token_ids are masked until this many tokens */
+  minTokens?: number;
+  /** include_stop_str_in_output (vLLM): the stop string that matched ends the text */
+  includeStopStr?: boolean;
 }
 
 export interface ChatRequest extends CommonRequest {
@@ -71,6 +87,14 @@ export interface ChatRequest extends CommonRequest {
   tools: ToolDef[] | null;
   toolChoice: ToolChoice;
   parallelToolCalls: boolean;
+  /** chat_template_kwargs: extra variables for the checkpoint's chat template */
+  templateVars?: Record<string, unknown> | null;
+  /** continue_final_message / the last message's `prefix: true`: the last assistant message is continued */
+  continueFinal?: boolean;
+  /** add_generation_prompt (default true; false with continueFinal) */
+  addGenerationPrompt?: boolean;
+  /** reasoning_effort: "none" switches thinking off, any other effort on (the template's `thinking`) */
+  reasoningEffort?: string;
 }
 
 export interface CompletionRequestBody extends CommonRequest {
@@ -138,18 +162,199 @@ function common(o: Obj, vocabSize: number, chat: boolean): CommonRequest {
     if (logitBias.size === 0) logitBias = null;
   }
 
-  let jsonMode = false;
-  if (o.response_format != null) {
-    const rf = o.response_format;
+  const grammar = structuredOutput(o);
+  const jsonMode = grammar?.spec.type === "json_object";
+
+  const minTokens = num(o, "min_tokens", 0, Number.MAX_SAFE_INTEGER, { int: true });
+  if (minTokens !== undefined && maxTokens !== undefined && minTokens > maxTokens)
+    throw invalid("min_tokens", `must be at most max_tokens (${maxTokens}), got ${minTokens}`);
+  const includeStopStr = bool(o, "include_stop_str_in_output") ?? false;
+
+  return {
+    model,
+    n,
+    stream,
+    includeUsage,
+    sampling: s,
+    logprobs: null,
+    logitBias,
+    jsonMode,
+    maxTokens,
+    grammar,
+    ...(minTokens !== undefined && minTokens > 0 && { minTokens }),
+    includeStopStr,
+  };
+}
+
+/** A JSON schema given as an object or as a JSON string (vLLM accepts both). */
+function schemaOf(v: unknown, param: string): Obj {
+  let x = v;
+  if (typeof x === "string") {
+    try {
+      x = JSON.parse(x);
+    } catch (e) {
+      throw invalid(param, `is not valid JSON: ${(e as Error).message}`);
+    }
+  }
+  if (typeof x === "boolean") x = x ? {} : { not: {} };
+  if (!isObject(x)) throw invalid(param, `must be a JSON schema object, got ${kind(x)}`);
+  return x;
+}
+
+function choicesOf(v: unknown, param: string): string[] {
+  if (!Array.isArray(v) || v.length === 0) throw invalid(param, `must be a non-empty array of strings, got ${show(v)}`);
+  v.forEach((c, i) => {
+    if (typeof c !== "string") throw invalid(`${param}[${i}]`, `must be a string, got ${kind(c)}`);
+  });
+  return v as string[];
+}
+
+function nonEmpty(v: unknown, param: string): string {
+  if (typeof v !== "string" || v === "") throw invalid(param, `must be a non-empty string, got ${kind(v)} ${show(v)}`);
+  return v;
+}
+
+/**
+ * The structured-output constraint of a request, from whichever field gave it: OpenAI's
+ * response_format (json_object, json_schema), vLLM's structured_outputs (json, regex, choice,
+ * grammar, json_object) and guided_json / guided_regex / guided_choice / guided_grammar, SGLang's
+ * regex / ebnf. At most one may be given.
+ */
+function structuredOutput(o: Obj): GrammarRequest | null {
+  const found: GrammarRequest[] = [];
+  const rf = o.response_format;
+  if (rf != null) {
     if (!isObject(rf)) throw invalid("response_format", `must be an object, got ${kind(rf)}`);
     const t = str(rf, "type", "response_format.type");
-    if (t === "json_object") jsonMode = true;
-    else if (t === "json_schema") throw invalid("response_format.type", `"json_schema" is not supported; use "json_object"`);
-    else if (t !== "text") throw invalid("response_format.type", `must be "text" or "json_object", got ${show(rf.type)}`);
+    if (t === "json_object") found.push({ spec: { type: "json_object" }, param: "response_format" });
+    else if (t === "json_schema") {
+      const js = rf.json_schema;
+      if (!isObject(js)) throw invalid("response_format.json_schema", `must be an object with name and schema, got ${kind(js)}`);
+      const name = str(js, "name", "response_format.json_schema.name");
+      if (name !== undefined && !/^[A-Za-z0-9_-]{1,64}$/.test(name))
+        throw invalid("response_format.json_schema.name", `must be 1-64 characters of a-z, A-Z, 0-9, _ or -; got ${show(name)}`);
+      str(js, "description", "response_format.json_schema.description");
+      const strict = bool(js, "strict", "response_format.json_schema.strict");
+      const schema = js.schema == null ? {} : schemaOf(js.schema, "response_format.json_schema.schema");
+      found.push({ spec: { type: "json_schema", schema, ...(strict !== undefined && { strict }) }, param: "response_format.json_schema.schema" });
+    } else if (t !== "text" && t !== undefined)
+      throw invalid("response_format.type", `must be "text", "json_object" or "json_schema", got ${show(rf.type)}`);
   }
-
-  return { model, n, stream, includeUsage, sampling: s, logprobs: null, logitBias, jsonMode, maxTokens };
+  const so = o.structured_outputs ?? o.guided_decoding;
+  const soName = o.structured_outputs != null ? "structured_outputs" : "guided_decoding";
+  if (so != null) {
+    if (!isObject(so)) throw invalid(soName, `must be an object with one of json, regex, choice, grammar, json_object; got ${kind(so)}`);
+    const given: GrammarRequest[] = [];
+    for (const [k, v] of Object.entries(so)) {
+      if (v == null || v === false) continue;
+      const p = `${soName}.${k}`;
+      if (k === "json") given.push({ spec: { type: "json_schema", schema: schemaOf(v, p) }, param: p });
+      else if (k === "regex") given.push({ spec: { type: "regex", pattern: nonEmpty(v, p) }, param: p });
+      else if (k === "choice") given.push({ spec: { type: "choice", choices: choicesOf(v, p) }, param: p });
+      else if (k === "grammar") given.push({ spec: { type: "grammar", grammar: nonEmpty(v, p) }, param: p });
+      else if (k === "json_object") {
+        if (v !== true) throw invalid(p, `must be true, got ${show(v)}`);
+        given.push({ spec: { type: "json_object" }, param: p });
+      } else throw invalid(p, "is not supported (supported: json, regex, choice, grammar, json_object)");
+    }
+    if (given.length > 1) throw invalid(given[1]!.param, `only one of ${given.map((g) => g.param).join(", ")} may be given`);
+    found.push(...given);
+  }
+  const fields: Array<[string, (v: unknown, p: string) => GrammarSpec]> = [
+    ["guided_json", (v, p) => ({ type: "json_schema", schema: schemaOf(v, p) })],
+    ["guided_regex", (v, p) => ({ type: "regex", pattern: nonEmpty(v, p) })],
+    ["guided_choice", (v, p) => ({ type: "choice", choices: choicesOf(v, p) })],
+    ["guided_grammar", (v, p) => ({ type: "grammar", grammar: nonEmpty(v, p) })],
+    ["regex", (v, p) => ({ type: "regex", pattern: nonEmpty(v, p) })],
+    ["ebnf", (v, p) => ({ type: "grammar", grammar: nonEmpty(v, p) })],
+  ];
+  for (const [k, f] of fields) if (o[k] != null) found.push({ spec: f(o[k], k), param: k });
+  if (found.length > 1) throw invalid(found[1]!.param, `cannot be combined with ${found[0]!.param}: give one structured-output constraint`);
+  return found[0] ?? null;
 }
+
+/**
+ * 400 for every field of `o` that is neither in `accepted` nor one of the fields OpenAI clients
+ * send with a value meaning "unset" (store: false, metadata: {}, service_tier: "auto", ...).
+ */
+export function rejectUnknownFields(o: Obj, accepted: ReadonlySet<string>, where: string): void {
+  for (const [k, v] of Object.entries(o)) {
+    if (accepted.has(k) || v === null || v === undefined) continue;
+    const unset = UNSET[k];
+    if (unset?.(v)) continue;
+    throw invalid(k, `is not supported by ${where}`, "unsupported_parameter");
+  }
+}
+
+const isEmptyObj = (v: unknown) => isObject(v) && Object.keys(v).length === 0;
+/** fields clients send with these values when the user did not set them */
+const UNSET: Record<string, (v: unknown) => boolean> = {
+  store: (v) => v === false,
+  metadata: isEmptyObj,
+  service_tier: (v) => v === "auto" || v === "default",
+  modalities: (v) => Array.isArray(v) && v.length === 1 && v[0] === "text",
+  functions: (v) => Array.isArray(v) && v.length === 0,
+  echo: (v) => v === false,
+  skip_special_tokens: (v) => v === true,
+  spaces_between_special_tokens: (v) => v === true,
+  priority: (v) => v === 0,
+  logprobs: (v) => v === false,
+  best_of: (v) => v === 1,
+};
+
+const COMMON_FIELDS = [
+  "model",
+  "n",
+  "stream",
+  "stream_options",
+  "temperature",
+  "top_p",
+  "top_k",
+  "min_p",
+  "presence_penalty",
+  "frequency_penalty",
+  "repetition_penalty",
+  "seed",
+  "ignore_eos",
+  "max_tokens",
+  "stop",
+  "stop_token_ids",
+  "logit_bias",
+  "response_format",
+  "structured_outputs",
+  "guided_decoding",
+  "guided_json",
+  "guided_regex",
+  "guided_choice",
+  "guided_grammar",
+  "regex",
+  "ebnf",
+  "min_tokens",
+  "include_stop_str_in_output",
+  "return_tokens_as_token_ids",
+  // metadata about the caller, no effect on the output
+  "user",
+  "safety_identifier",
+  "prompt_cache_key",
+  "request_id",
+];
+/** the fields /v1/chat/completions implements */
+export const CHAT_FIELDS: ReadonlySet<string> = new Set([
+  ...COMMON_FIELDS,
+  "messages",
+  "max_completion_tokens",
+  "logprobs",
+  "top_logprobs",
+  "tools",
+  "tool_choice",
+  "parallel_tool_calls",
+  "chat_template_kwargs",
+  "continue_final_message",
+  "add_generation_prompt",
+  "reasoning_effort",
+]);
+/** the fields /v1/completions implements */
+export const COMPLETION_FIELDS: ReadonlySet<string> = new Set([...COMMON_FIELDS, "prompt", "logprobs", "echo", "suffix", "best_of"]);
 
 function textContent(v: unknown, param: string, nullable: boolean): string | null {
   if (v == null) {
@@ -209,6 +414,14 @@ function messages(v: unknown): ChatMessage[] {
       if (id !== undefined) out.tool_call_id = id;
     }
     if (m.name != null) out.name = str(m, "name", `${p}.name`);
+    if (m.prefix != null) {
+      // DeepSeek's chat prefix completion: the last assistant message is continued
+      if (bool(m, "prefix", `${p}.prefix`)) {
+        if (role !== "assistant" || i !== v.length - 1) throw invalid(`${p}.prefix`, "only the last message may have prefix: true, and it must be an assistant message");
+        if (toolCalls) throw invalid(`${p}.prefix`, "cannot continue a message with tool_calls");
+        out.prefix = true;
+      }
+    }
     return out;
   });
 }
@@ -254,9 +467,35 @@ function tools(o: Obj): { tools: ToolDef[] | null; toolChoice: ToolChoice } {
   return { tools: defs, toolChoice };
 }
 
+const EFFORTS = new Set(["none", "minimal", "low", "medium", "high", "xhigh"]);
+
 export function parseChatRequest(o: Obj, vocabSize: number): ChatRequest {
+  rejectUnknownFields(o, CHAT_FIELDS, "/v1/chat/completions");
   const msgs = messages(o.messages);
   const c = common(o, vocabSize, true);
+  if (bool(o, "echo")) throw invalid("echo", "is not supported by /v1/chat/completions");
+  let templateVars: Obj | null = null;
+  if (o.chat_template_kwargs != null) {
+    if (!isObject(o.chat_template_kwargs)) throw invalid("chat_template_kwargs", `must be an object, got ${kind(o.chat_template_kwargs)}`);
+    for (const k of Object.keys(o.chat_template_kwargs))
+      if (RESERVED_TEMPLATE_VARS.has(k)) throw invalid(`chat_template_kwargs.${k}`, "is set by the server (use the request's own field)");
+    templateVars = Object.keys(o.chat_template_kwargs).length ? o.chat_template_kwargs : null;
+  }
+  const last = msgs[msgs.length - 1]!;
+  const cfm = bool(o, "continue_final_message");
+  if (cfm && last.role !== "assistant") throw invalid("continue_final_message", `needs the last message to be an assistant message, got role ${show(last.role)}`);
+  const continueFinal = cfm ?? last.prefix === true;
+  if (last.prefix === true && cfm === false) throw invalid("continue_final_message", "is false but the last message has prefix: true");
+  if (continueFinal) delete last.prefix;
+  const agp = bool(o, "add_generation_prompt");
+  if (continueFinal && agp === true) throw invalid("add_generation_prompt", "cannot be true with continue_final_message (or prefix: true)");
+  const addGenerationPrompt = agp ?? !continueFinal;
+  let reasoningEffort: string | undefined;
+  if (o.reasoning_effort != null) {
+    reasoningEffort = str(o, "reasoning_effort");
+    if (!EFFORTS.has(reasoningEffort!)) throw invalid("reasoning_effort", `must be one of ${[...EFFORTS].join(", ")}; got ${show(reasoningEffort)}`);
+    if (templateVars && "thinking" in templateVars) throw invalid("reasoning_effort", "cannot be combined with chat_template_kwargs.thinking");
+  }
   const lp = bool(o, "logprobs") ?? false;
   const top = num(o, "top_logprobs", 0, MAX_LOGPROBS, { int: true });
   if (top !== undefined && !lp) throw invalid("top_logprobs", "needs logprobs: true");
@@ -265,10 +504,27 @@ export function parseChatRequest(o: Obj, vocabSize: number): ChatRequest {
   const parallelToolCalls = bool(o, "parallel_tool_calls") ?? true;
   const tokenIdNames = bool(o, "return_tokens_as_token_ids") ?? false;
   str(o, "user");
-  return { ...c, messages: msgs, tools: t.tools, toolChoice: t.toolChoice, parallelToolCalls, tokenIdNames };
+  if (c.grammar && t.tools && t.toolChoice !== "none")
+    throw invalid(c.grammar.param, `cannot be combined with tools (tool_choice ${show(t.toolChoice === "auto" || t.toolChoice === "required" ? t.toolChoice : "named")}): the tool calls follow the tools' schemas`);
+  return {
+    ...c,
+    messages: msgs,
+    tools: t.tools,
+    toolChoice: t.toolChoice,
+    parallelToolCalls,
+    tokenIdNames,
+    templateVars,
+    continueFinal,
+    addGenerationPrompt,
+    ...(reasoningEffort !== undefined && { reasoningEffort }),
+  };
 }
 
+/** template variables the server sets itself */
+const RESERVED_TEMPLATE_VARS = new Set(["messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token", "unk_token", "pad_token"]);
+
 export function parseCompletionRequest(o: Obj, vocabSize: number): CompletionRequestBody {
+  rejectUnknownFields(o, COMPLETION_FIELDS, "/v1/completions");
   const p = o.prompt;
   let prompts: Array<string | number[]>;
   const idList = (a: unknown[], param: string): number[] => {

@@ -4,10 +4,13 @@ import { randomBytes } from "node:crypto";
 import { type Processor, compose, logitBias } from "../constraints.js";
 import type { ServerContext } from "../context.js";
 import { invalid } from "../errors.js";
-import type { ChoiceResult, ChoiceRun, ChoiceSpec, Delta } from "../generate.js";
+import { type ChoiceResult, type ChoiceRun, type ChoiceSpec, type Delta, minTokens } from "../generate.js";
 import { type Route, sendJson } from "../http.js";
 import { type Exchange, clampLp, finishMetrics, openChunkStream, tokenName, usage } from "../stream.js";
 import { type CompletionRequestBody, parseCompletionRequest } from "../validate.js";
+
+/** max_tokens when the request gives none */
+export const DEFAULT_MAX_TOKENS = 16;
 
 /** legacy logprobs: tokens, token_logprobs, top_logprobs (dicts), text_offset */
 interface LegacyLp {
@@ -31,14 +34,25 @@ async function completions(ctx: ServerContext, x: Exchange, body: Record<string,
   prompts.forEach((p, i) => ctx.checkContext(p.length, r, r.prompts.length > 1 ? `prompt[${i}]` : "prompt"));
   const base: Processor[] = [];
   if (r.logitBias) base.push(logitBias(r.logitBias));
-  if (r.jsonMode && !table) throw invalid("response_format", `model ${modelName} has no tokenizer, so JSON mode cannot apply`);
+  const grammar = r.grammar ? await ctx.compileGrammar(r.grammar) : null;
   const scoring = r.echo && r.logprobs !== null;
   const specs: ChoiceSpec[] = [];
   prompts.forEach((ids, pi) => {
     for (let j = 0; j < r.n; j++) {
+      const sampling = ctx.samplingFor(r, j);
+      // no max_tokens: 16, as OpenAI, vLLM and SGLang (less where the context has less room)
+      if (r.maxTokens === undefined) sampling.maxTokens = Math.min(DEFAULT_MAX_TOKENS, ctx.maxModelLen - ids.length);
       const ps = [...base];
-      if (r.jsonMode) ps.push(ctx.jsonMasker().processor().process);
-      specs.push({ index: pi * r.n + j, promptIds: ids, sampling: ctx.samplingFor(r, j), processor: compose(ps), ...(scoring && { scorePrompt: r.logprobs! }) });
+      if (r.minTokens) ps.push(minTokens(r.minTokens, [...ctx.eosIds, ...(sampling.stopTokenIds ?? [])]));
+      if (grammar) ps.push(grammar.processor());
+      specs.push({
+        index: pi * r.n + j,
+        promptIds: ids,
+        sampling,
+        processor: compose(ps),
+        ...(scoring && { scorePrompt: r.logprobs! }),
+        ...(r.includeStopStr && { includeStopStr: true }),
+      });
     }
   });
   const id = `cmpl-${randomBytes(12).toString("hex")}`;
