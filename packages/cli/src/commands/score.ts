@@ -58,6 +58,24 @@ async function allLogits(ds3: DS3, ids: number[], onRows: (logits: Float32Array,
   }
 }
 
+/** null if every logit is finite; else what is not ("NaN at id 5", "NaN and Infinity" for a whole row). */
+function nonFinite(row: Float32Array): string | null {
+  let n = 0;
+  let first = -1;
+  const kinds = new Set<string>();
+  for (let i = 0; i < row.length; i++) {
+    const x = row[i]!;
+    if (Number.isFinite(x)) continue;
+    if (first < 0) first = i;
+    n++;
+    kinds.add(String(x));
+  }
+  if (n === 0) return null;
+  const k = [...kinds].join(" and ");
+  if (n === row.length) return k;
+  return `${String(row[first])} at id ${first}${n > 1 ? ` and ${n - 1} more (${k})` : ""}`;
+}
+
 export async function handler(a: Args): Promise<void> {
   if ((a.text === undefined) === (a.ids === undefined)) throw new UsageError("give one of --text and --ids");
   const idsArg = a.ids !== undefined ? parseIds(a.ids, "--ids") : null;
@@ -79,7 +97,17 @@ export async function handler(a: Args): Promise<void> {
     }
     const logprobs: Array<number | null> = [null];
     const t0 = performance.now();
+    // the first position whose logits are not finite, and how many are: the command fails (after
+    // --dump-logits has every row, for a look at them) instead of printing a NaN or Infinity perplexity
+    let bad: { pos: number; what: string } | null = null;
+    let badRows = 0;
     await allLogits(ds3, ids, (logits, first, rows) => {
+      for (let r = 0; r < rows; r++) {
+        const what = nonFinite(logits.subarray(r * V, (r + 1) * V));
+        if (what === null) continue;
+        badRows++;
+        bad ??= { pos: first + r, what };
+      }
       if (fd !== null) {
         const b = Buffer.from(logits.buffer, logits.byteOffset, rows * V * 4);
         if (endianness() !== "LE") b.swap32();
@@ -93,6 +121,13 @@ export async function handler(a: Args): Promise<void> {
         logprobs.push(lp[ids[pos + 1]!]!);
       }
     });
+    if (bad !== null) {
+      const { pos, what } = bad;
+      throw new UsageError(
+        `the logits at position ${pos} (token ${ids[pos]}) are not finite (${what}); ${badRows} of ${ids.length} positions are: no logprobs or perplexity (the checkpoint's weights or its config are broken)`,
+        1,
+      );
+    }
     const scored = logprobs.slice(1) as number[];
     const mean = scored.length ? scored.reduce((s, x) => s + x, 0) / scored.length : null;
     const ppl = mean === null ? null : Math.exp(-mean);
