@@ -35,7 +35,7 @@ function bias(score: (t: string) => number, eosBias = 0): Float32Array {
 }
 /** Short structural tokens: closes strings and containers soon, so outputs finish. */
 const closing = () =>
-  bias((t) => (/^\s*["}\],:]{1,3}\s*$/.test(t) || /^(true|false|null|[0-9])$/.test(t) ? 9 : /^(\\[n"\\]|[()+*])$/.test(t) ? 10 : t.length <= 2 ? 2 : 0), 12);
+  bias((t) => (/^\s*["}\],:]{1,3}\s*$/.test(t) || /^(true|false|null|[0-9])$/.test(t) ? 9 : /^(\\[n"\\]|[()+*])$/.test(t) ? 10 : t === "[{" || t === "{" ? 8 : t.length <= 2 ? 2 : 0), 12);
 /** Tokens with quotes, backslashes and newlines: strings get escapes. */
 const escapy = () => bias((t) => (/[\\"\n]/.test(t) && t.length <= 3 ? 5 : /^[a-z ]{1,4}$/.test(t) ? 2 : 0), 4);
 

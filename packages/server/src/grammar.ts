@@ -52,8 +52,13 @@ export interface Grammars {
   compile(spec: GrammarSpec): Promise<CompiledGrammar>;
 }
 
-/** Longest whitespace run XGrammar allows between JSON tokens (keeps a noisy model from idling). */
-export const MAX_JSON_WS = 16;
+/**
+ * JSON under json_object / json_schema is laid out on one line with ", " and ": " (as
+ * json.dumps writes it) rather than with any whitespace: a noisy model cannot idle in whitespace,
+ * and compiling is far cheaper. Measured on DeepSeek-V3's vocabulary (2-core EPYC), a 20-property
+ * schema: 77 ms laid out so, 658 ms with any whitespace, 3.2 s with any whitespace capped at 16.
+ */
+const JSON_ANY_WHITESPACE = false;
 /** Compiled specs kept per vocabulary (least recently used dropped first). */
 const CACHE_SIZE = 128;
 
@@ -284,7 +289,7 @@ export function createGrammars(table: TokenTable, eosIds?: readonly number[]): G
     try {
       const g =
         p.kind === "json_schema"
-          ? await G.fromJSONSchema(p.schema, true, undefined, undefined, p.strict, MAX_JSON_WS)
+          ? await G.fromJSONSchema(p.schema, JSON_ANY_WHITESPACE, -1, undefined, p.strict)
           : p.kind === "ebnf"
             ? await G.fromEBNF(p.grammar, "root")
             : await G.fromStructuralTag(p.tag);
@@ -305,7 +310,7 @@ export function createGrammars(table: TokenTable, eosIds?: readonly number[]): G
     try {
       cg =
         p.kind === "json_schema"
-          ? await m.compiler.compileJSONSchema(p.schema, true, undefined, undefined, p.strict, MAX_JSON_WS)
+          ? await m.compiler.compileJSONSchema(p.schema, JSON_ANY_WHITESPACE, -1, undefined, p.strict)
           : p.kind === "ebnf"
             ? await m.compiler.compileGrammar(p.grammar, "root")
             : await m.compiler.compileStructuralTag(p.tag);
