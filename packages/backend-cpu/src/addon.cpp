@@ -2,6 +2,8 @@
 // globals, each Context owns its thread pool, so the addon loads in every worker thread.
 #include <napi.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <mutex>
@@ -63,6 +65,7 @@ class Context : public Napi::ObjectWrap<Context> {
                            InstanceMethod("moeGate", &Context::MoeGate),
                            InstanceMethod("moeExperts", &Context::MoeExperts),
                            InstanceMethod("threads", &Context::Threads),
+                           InstanceMethod("isa", &Context::Isa),
                            InstanceMethod("dispose", &Context::Dispose),
                        });
   }
@@ -75,7 +78,12 @@ class Context : public Napi::ObjectWrap<Context> {
     if (threads < 1) threads = 1;
     pr_.act_bf16 = o.Get("actBf16").ToBoolean();
     pr_.act_quant = o.Get("actQuant").As<Napi::Number>().Int32Value();
-    pool_ = std::make_unique<Pool>(threads);
+    std::string isa = o.Has("isa") && o.Get("isa").IsString() ? o.Get("isa").As<Napi::String>().Utf8Value() : "";
+    const Kern* k = find_kern(isa.c_str());
+    if (!k)
+      throw Napi::Error::New(info.Env(), "CPU kernels \"" + isa + "\" are not available on this machine (available: " + available_isas() + ")");
+    pool_ = std::make_unique<Pool>(threads, k);
+    isa_ = k->isa;
   }
 
  private:
@@ -85,6 +93,7 @@ class Context : public Napi::ObjectWrap<Context> {
   }
 
   Napi::Value Threads(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), pool_ ? pool_->size() : 0); }
+  Napi::Value Isa(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), isa_); }
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     pool_.reset();
     return info.Env().Undefined();
@@ -280,10 +289,49 @@ class Context : public Napi::ObjectWrap<Context> {
 
   std::unique_ptr<Pool> pool_;
   Precision pr_;
+  std::string isa_;
 };
+
+// readBandwidth(mib, threads, reps) -> bytes/s: a streaming sum over a buffer far larger than the
+// last-level cache, split over `threads` threads (the memory roofline of a weight-streaming step).
+Napi::Value ReadBandwidth(const Napi::CallbackInfo& info) {
+  int64_t mib = num(info[0]);
+  int threads = int(num(info[1])), reps = int(num(info[2]));
+  if (mib < 1 || threads < 1 || reps < 1) throw Napi::RangeError::New(info.Env(), "readBandwidth: mib, threads and reps must be >= 1");
+  std::vector<uint64_t> buf(size_t(mib) << 17);
+  Pool pool(threads);
+  pool.parallel_for(int64_t(buf.size()), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) buf[size_t(i)] = uint64_t(i) * 0x9e3779b97f4a7c15ull;
+  }, int64_t(buf.size()) / threads);
+  double best = 0;
+  volatile uint64_t sink = 0;
+  for (int r = 0; r < reps; r++) {
+    std::vector<uint64_t> part(size_t(threads), 0);
+    auto t0 = std::chrono::steady_clock::now();
+    int64_t per = (int64_t(buf.size()) + threads - 1) / threads;
+    pool.parallel_for(threads, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; k++) {
+        const uint64_t* p = buf.data() + k * per;
+        int64_t n = std::min<int64_t>(per, int64_t(buf.size()) - k * per);
+        uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0;
+        for (int64_t i = 0; i + 8 <= n; i += 8) {
+          a0 += p[i]; a1 += p[i + 1]; a2 += p[i + 2]; a3 += p[i + 3];
+          a4 += p[i + 4]; a5 += p[i + 5]; a6 += p[i + 6]; a7 += p[i + 7];
+        }
+        part[size_t(k)] = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7;
+      }
+    });
+    double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    for (auto v : part) sink = sink + v;
+    best = std::max(best, double(buf.size() * 8) / sec);
+  }
+  return Napi::Number::New(info.Env(), best);
+}
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Context", Context::Define(env));
+  exports.Set("readBandwidth", Napi::Function::New(env, ReadBandwidth));
+  exports.Set("isas", Napi::String::New(env, available_isas()));
   exports.Set("hardwareThreads", Napi::Number::New(env, std::thread::hardware_concurrency()));
   return exports;
 }

@@ -20,8 +20,11 @@ import type {
 } from "@ds3/core";
 
 interface Native {
-  Context: new (o: { threads: number; actBf16: boolean; actQuant: number }) => NativeCtx;
+  Context: new (o: { threads: number; actBf16: boolean; actQuant: number; isa?: string }) => NativeCtx;
   hardwareThreads: number;
+  /** the kernel ISAs this build has and this CPU runs, best first, comma separated */
+  isas: string;
+  readBandwidth(mib: number, threads: number, reps: number): number;
 }
 type H = object; // opaque native handle
 interface NativeCtx {
@@ -39,6 +42,7 @@ interface NativeCtx {
   moeGate(x: Float32Array, T: number, g: H, bias: Float32Array | null, topk: number, ng: number, tg: number, sig: boolean, norm: boolean, scale: number): Float32Array;
   moeExperts(x: Float32Array, T: number, D: number, set: H, first: number, routing: Float32Array, topk: number): Float32Array;
   threads(): number;
+  isa(): string;
   dispose(): void;
 }
 
@@ -100,6 +104,8 @@ export class CpuContext implements BackendContext {
   readonly name = "cpu";
   readonly device: string;
   readonly precision: Precision;
+  /** the instruction set of this context's kernels (avx512, avx2, generic) */
+  readonly isa: string;
   private n: NativeCtx;
   private coll: Collective | null;
 
@@ -111,9 +117,12 @@ export class CpuContext implements BackendContext {
       threads,
       actBf16: this.precision.activations === "bf16",
       actQuant: this.precision.actQuant === "fp8" ? 1 : this.precision.actQuant === "fp8-ue8m0" ? 2 : 0,
+      // the kernels' instruction set: the best this CPU runs, or DS3_CPU_ISA=avx512|avx2|generic
+      isa: process.env.DS3_CPU_ISA ?? "",
     });
     this.coll = opts.collective && opts.collective.worldSize > 1 ? opts.collective : null;
-    this.device = `cpu (${threads} threads)`;
+    this.isa = this.n.isa();
+    this.device = `cpu (${threads} threads, ${this.isa})`;
   }
 
   weight(hw: HostWeight): Weight {
@@ -227,6 +236,19 @@ export class CpuContext implements BackendContext {
   dispose(): void {
     this.n.dispose();
   }
+}
+
+/**
+ * Streaming-read bandwidth of this machine in bytes/s (best of `reps` sums over a `mib` MiB
+ * buffer on `threads` threads): the memory roofline a weight-streaming decode step is bounded by.
+ */
+/** The kernel instruction sets this build has and this CPU runs, best first. */
+export function availableIsas(): string[] {
+  return load().isas.split(",").filter(Boolean);
+}
+
+export function readBandwidth(opts: { mib?: number; threads?: number; reps?: number } = {}): number {
+  return load().readBandwidth(opts.mib ?? 1024, opts.threads ?? Math.max(1, availableParallelism()), opts.reps ?? 5);
 }
 
 export const cpu: BackendProvider = {

@@ -48,7 +48,7 @@ float round_fp8e4m3(float x) {
 }
 
 // ---- pool ---------------------------------------------------------------------------
-Pool::Pool(int n) {
+Pool::Pool(int n, const Kern* k) : kern_(k ? k : find_kern("auto")) {
   for (int i = 1; i < n; i++) workers_.emplace_back([this, i] { loop(i); });
 }
 Pool::~Pool() {
@@ -138,14 +138,19 @@ void Weight::row(int64_t r, float* out) const {
   }
 }
 
-static inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
-  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; i < n; i++) s += a[i] * b[i];
-  return s;
+const float* Weight::dequantized(const Kern& k) const {
+  std::call_once(dq_once_, [&] {
+    dq_.resize(size_t(rows * cols));
+    k.decode(view(), 0, rows, dq_.data());
+  });
+  return dq_.data();
+}
+
+/** per-thread scratch for decoded weight tiles */
+static float* scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
 }
 
 void act_quant_rows(float* x, int64_t T, int64_t K, int mode) {
@@ -162,15 +167,18 @@ void act_quant_rows(float* x, int64_t T, int64_t K, int mode) {
   }
 }
 
-static void linear_rows(const float* x, int64_t T, const Weight& w, float* y, int64_t n0, int64_t n1, float* buf, bool bf16) {
-  const int64_t K = w.cols, N = w.rows;
-  for (int64_t n = n0; n < n1; n++) {
-    w.row(n, buf);
-    for (int64_t t = 0; t < T; t++) {
-      float v = dot(x + t * K, buf, K);
-      y[t * N + n] = bf16 ? round_bf16(v) : v;
-    }
-  }
+/** rows per work item: one decoded tile, smaller where that leaves threads idle */
+static int64_t block_rows(const Pool& p, int64_t N, int64_t T, int64_t K, int64_t items_elsewhere = 1) {
+  int64_t rb = p.k().scratch_rows(T, K);
+  int64_t want = int64_t(p.size()) * 4;
+  if (items_elsewhere * ((N + rb - 1) / rb) < want) rb = std::max<int64_t>(4, ((N * items_elsewhere + want - 1) / want + 3) / 4 * 4);
+  return std::min(rb, p.k().scratch_rows(T, K));
+}
+
+/** y[t * N + n] for rows [r0, r1) of w: one work item (the calling thread's scratch) */
+static void linear_block(const Kern& k, const float* x, int64_t T, const Weight& w, float* y, int64_t r0, int64_t r1, bool bf16) {
+  float* sc = w.dtype == WDType::F32 ? nullptr : scratch(size_t(k.scratch_rows(T, w.cols) * w.cols));
+  k.linear(x, w.cols, T, w.view(), r0, r1, y, w.rows, bf16, sc);
 }
 
 void linear(Pool& p, const Precision& pr, const float* x, int64_t T, const Weight& w, float* y) {
@@ -180,13 +188,11 @@ void linear(Pool& p, const Precision& pr, const float* x, int64_t T, const Weigh
     act_quant_rows(xq.data(), T, w.cols, pr.act_quant);
     x = xq.data();
   }
-  p.parallel_for(
-      w.rows,
-      [&](int64_t b, int64_t e) {
-        std::vector<float> buf(static_cast<size_t>(w.cols));
-        linear_rows(x, T, w, y, b, e, buf.data(), pr.act_bf16);
-      },
-      std::max<int64_t>(1, 4096 / std::max<int64_t>(1, w.cols * T / 64 + 1)));
+  const int64_t rb = block_rows(p, w.rows, T, w.cols), nb = (w.rows + rb - 1) / rb;
+  const Kern& k = p.k();
+  p.parallel_for(nb, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) linear_block(k, x, T, w, y, i * rb, std::min(w.rows, (i + 1) * rb), pr.act_bf16);
+  });
 }
 
 void rms_norm(Pool& p, const float* x, int64_t T, int64_t D, const Weight& w, float eps, float* y) {
@@ -195,7 +201,7 @@ void rms_norm(Pool& p, const float* x, int64_t T, int64_t D, const Weight& w, fl
   p.parallel_for(T, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; t++) {
       const float* r = x + t * D;
-      float ss = dot(r, r, D);
+      float ss = p.k().dot(r, r, D);
       float inv = 1.0f / std::sqrt(ss / float(D) + eps);
       for (int64_t i = 0; i < D; i++) y[t * D + i] = g[i] * (r[i] * inv);
     }
@@ -261,6 +267,7 @@ void Cache::read(int64_t layer, int64_t slot, float* v, int64_t n) const {
 // ---- MLA, absorbed ------------------------------------------------------------------------
 void mla(Pool& p, const Precision& pr, const float* q, const float* kv, const float* pe, int64_t T, const Weight& wkv_b,
          Cache& cache, int64_t layer, const AttnMeta& m, const MlaDims& d, float* out) {
+  const Kern& K = p.k();
   const int64_t C = d.kv_lora, R = d.rope, W = C + R, bs = cache.block_size;
   auto slot_of = [&](int64_t s, int64_t pos) -> int64_t {
     int64_t blk = m.block_tables[s * m.max_blocks + pos / bs];
@@ -273,17 +280,18 @@ void mla(Pool& p, const Precision& pr, const float* q, const float* kv, const fl
     std::memcpy(tmp.data() + C, pe + t * R, size_t(R) * 4);
     cache.write(layer, slot_of(m.seq_idx[t], m.positions[t]), tmp.data(), W);
   }
-  // 2. wkv_b rows for this rank's heads, dequantized once per call
+  // 2. wkv_b for this rank's heads: dequantized once, at first use, and kept with the weight
   const int64_t hd = d.nope + d.v;
-  std::vector<float> wb(static_cast<size_t>(wkv_b.rows * C));
-  p.parallel_for(wkv_b.rows, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; r++) wkv_b.row(r, wb.data() + r * C);
-  });
+  const float* wb = wkv_b.dequantized(K);
   const int64_t qw = d.nope + d.rope;
-  // 3. attention per (token, block of heads): each cache row is read once per block of heads
-  const int64_t HB = 8, nhb = (d.heads + HB - 1) / HB;
+  // 3. attention per (token, block of heads): each run of cache rows (one cache block) is
+  // scored against the block's heads with one gemm; per (token, head, position) the order of
+  // every sum is fixed, whatever the batch and however heads are grouped
+  const int64_t HB = std::max<int64_t>(1, std::min<int64_t>(8, (d.heads * T + 2 * p.size() - 1) / (2 * p.size())));
+  const int64_t nhb = (d.heads + HB - 1) / HB;
   p.parallel_for(T * nhb, [&](int64_t b, int64_t e) {
-    std::vector<float> qa(static_cast<size_t>(HB * C)), olat(static_cast<size_t>(HB * C)), tmp(static_cast<size_t>(W)), sc;
+    std::vector<float> qa(static_cast<size_t>(HB * C)), qp(static_cast<size_t>(HB * R)), olat(static_cast<size_t>(HB * C)), sc, sr;
+    std::vector<float> rows(cache.bf16 ? static_cast<size_t>(bs * W) : 0);
     std::vector<float> mx(static_cast<size_t>(HB)), sum(static_cast<size_t>(HB));
     for (int64_t tb = b; tb < e; tb++) {
       int64_t t = tb / nhb, h0 = (tb % nhb) * HB, nh = std::min(HB, d.heads - h0);
@@ -292,46 +300,44 @@ void mla(Pool& p, const Precision& pr, const float* q, const float* kv, const fl
         const float* qn = q + t * d.heads * qw + (h0 + k) * qw;
         float* qk = qa.data() + k * C;
         std::fill(qk, qk + C, 0.0f);
-        for (int64_t i = 0; i < d.nope; i++) {
-          const float* wr = wb.data() + ((h0 + k) * hd + i) * C;
-          float a = qn[i];
-          for (int64_t c = 0; c < C; c++) qk[c] += a * wr[c];
-        }
-        mx[k] = -std::numeric_limits<float>::infinity();
-        sum[k] = 0;
+        for (int64_t i = 0; i < d.nope; i++) K.axpy(qn[i], wb + ((h0 + k) * hd + i) * C, qk, C);
+        std::memcpy(qp.data() + k * R, qn + d.nope, size_t(R) * 4);
       }
-      sc.resize(static_cast<size_t>(nh * (P + 1)));
-      for (int64_t j = 0; j <= P; j++) {
-        const float* row = cache.row(layer, slot_of(s, j), tmp.data());
-        for (int64_t k = 0; k < nh; k++) {
-          const float* qp = q + t * d.heads * qw + (h0 + k) * qw + d.nope;
-          float v = (dot(qa.data() + k * C, row, C) + dot(qp, row + C, R)) * d.scale;
-          sc[k * (P + 1) + j] = v;
-          mx[k] = std::max(mx[k], v);
-        }
-      }
-      for (int64_t k = 0; k < nh; k++)
-        for (int64_t j = 0; j <= P; j++) {
-          float& v = sc[k * (P + 1) + j];
-          v = std::exp(v - mx[k]);
-          sum[k] += v;
-        }
-      std::fill(olat.begin(), olat.begin() + nh * C, 0.0f);
-      for (int64_t j = 0; j <= P; j++) {
-        const float* row = cache.row(layer, slot_of(s, j), tmp.data());
-        for (int64_t k = 0; k < nh; k++) {
-          float w = sc[k * (P + 1) + j] / sum[k];
-          float* ol = olat.data() + k * C;
-          for (int64_t c = 0; c < C; c++) ol[c] += w * row[c];
-        }
+      const int64_t n = P + 1;
+      sc.resize(static_cast<size_t>(nh * n));
+      sr.resize(static_cast<size_t>(nh * n));
+      // the cache rows of positions [j0, j1) (one cache block): a pointer into the cache, or converted
+      auto run = [&](int64_t j0, int64_t j1) -> const float* {
+        int64_t slot = slot_of(s, j0);
+        if (!cache.bf16) return cache.f32.data() + size_t((layer * cache.slots() + slot) * W);
+        for (int64_t j = j0; j < j1; j++) cache.read(layer, slot + (j - j0), rows.data() + (j - j0) * W, W);
+        return rows.data();
+      };
+      for (int64_t j0 = 0; j0 < n; j0 += bs - j0 % bs) {
+        int64_t j1 = std::min(n, (j0 / bs + 1) * bs);
+        const float* rw = run(j0, j1);
+        K.gemm(qa.data(), C, nh, rw, W, j1 - j0, C, sc.data() + j0, n, false);
+        K.gemm(qp.data(), R, nh, rw + C, W, j1 - j0, R, sr.data() + j0, n, false);
       }
       for (int64_t k = 0; k < nh; k++) {
-        float* o = out + t * d.heads * d.v + (h0 + k) * d.v;
-        for (int64_t i = 0; i < d.v; i++) {
-          float v = dot(olat.data() + k * C, wb.data() + ((h0 + k) * hd + d.nope + i) * C, C);
-          o[i] = pr.act_bf16 ? round_bf16(v) : v;
-        }
+        float mk = -std::numeric_limits<float>::infinity(), sk = 0;
+        float* v = sc.data() + k * n;
+        const float* vr = sr.data() + k * n;
+        for (int64_t j = 0; j < n; j++) mk = std::max(mk, v[j] = (v[j] + vr[j]) * d.scale);
+        for (int64_t j = 0; j < n; j++) sk += (v[j] = std::exp(v[j] - mk));
+        mx[k] = mk;
+        sum[k] = sk;
       }
+      std::fill(olat.begin(), olat.begin() + nh * C, 0.0f);
+      for (int64_t j0 = 0; j0 < n; j0 += bs - j0 % bs) {
+        int64_t j1 = std::min(n, (j0 / bs + 1) * bs);
+        const float* rw = run(j0, j1);
+        for (int64_t j = j0; j < j1; j++)
+          for (int64_t k = 0; k < nh; k++) K.axpy(sc[k * n + j] / sum[k], rw + (j - j0) * W, olat.data() + k * C, C);
+      }
+      for (int64_t k = 0; k < nh; k++)
+        K.gemm(olat.data() + k * C, C, 1, wb + ((h0 + k) * hd + d.nope) * C, C, d.v, C, out + t * d.heads * d.v + (h0 + k) * d.v, d.v,
+               pr.act_bf16);
     }
   });
 }
@@ -339,15 +345,14 @@ void mla(Pool& p, const Precision& pr, const float* q, const float* kv, const fl
 // ---- MoE --------------------------------------------------------------------------------
 void moe_gate(Pool& p, const float* x, int64_t T, const Weight& g, const float* bias, const GateCfg& c, float* out) {
   const int64_t E = g.rows, D = g.cols;
-  std::vector<float> gw(static_cast<size_t>(E * D));
-  for (int64_t e = 0; e < E; e++) g.row(e, gw.data() + e * D);
+  const float* gw = g.dequantized(p.k());  // once, kept with the weight
   const int64_t per = E / c.n_groups;
   p.parallel_for(T, [&](int64_t b, int64_t e_) {
     std::vector<float> sc(static_cast<size_t>(E)), ch(static_cast<size_t>(E)), gs(static_cast<size_t>(c.n_groups));
     std::vector<int> idx(static_cast<size_t>(std::max<int64_t>(E, c.n_groups)));
     for (int64_t t = b; t < e_; t++) {
       const float* r = x + t * D;
-      for (int64_t e = 0; e < E; e++) sc[e] = dot(r, gw.data() + e * D, D);
+      p.k().gemm(r, D, 1, gw, D, E, D, sc.data(), E, false);
       if (c.sigmoid) {
         for (int64_t e = 0; e < E; e++) sc[e] = 1.0f / (1.0f + std::exp(-sc[e]));
       } else {
@@ -394,6 +399,7 @@ void moe_gate(Pool& p, const float* x, int64_t T, const Weight& g, const float* 
 
 void moe_experts(Pool& p, const Precision& pr, const float* x, int64_t T, int64_t D, const std::vector<Expert>& ex,
                  int64_t first, const float* routing, int topk, float* y) {
+  const Kern& K = p.k();
   const int64_t n = int64_t(ex.size());
   // tokens routed to each local expert, in token order
   std::vector<std::vector<std::pair<int64_t, int>>> who(static_cast<size_t>(n));
@@ -402,46 +408,101 @@ void moe_experts(Pool& p, const Precision& pr, const float* x, int64_t T, int64_
       int64_t e = int64_t(routing[t * 2 * topk + topk + k]) - first;
       if (e >= 0 && e < n) who[e].push_back({t, k});
     }
-  // per (token, slot) expert outputs, summed afterwards in slot order (batch invariant)
-  std::vector<float> part(static_cast<size_t>(T * topk * D), 0.0f);
-  std::vector<char> used(static_cast<size_t>(T * topk), 0);
-  std::vector<int64_t> active;
+  // active experts; their tokens' rows are gathered expert after expert (row g of xg, h, o)
+  std::vector<int64_t> active, off, hoff;
+  int64_t M = 0, HM = 0;
+  bool quant = false;
   for (int64_t e = 0; e < n; e++)
-    if (!who[e].empty()) active.push_back(e);
-  p.parallel_for(int64_t(active.size()), [&](int64_t b, int64_t e_) {
-    Precision pr1 = pr;
-    for (int64_t ai = b; ai < e_; ai++) {
-      int64_t e = active[ai];
-      const auto& lst = who[e];
-      const Expert& w = ex[e];
-      int64_t m = int64_t(lst.size()), I = w.w1->rows;
-      std::vector<float> xg(static_cast<size_t>(m * D)), h1(static_cast<size_t>(m * I)), h3(static_cast<size_t>(m * I)), o(static_cast<size_t>(m * D)), buf(static_cast<size_t>(std::max(D, I)));
-      for (int64_t i = 0; i < m; i++) std::memcpy(xg.data() + i * D, x + lst[i].first * D, size_t(D) * 4);
-      if (pr.act_quant && w.w1->dtype == WDType::F8E4M3) act_quant_rows(xg.data(), m, D, pr.act_quant);
-      linear_rows(xg.data(), m, *w.w1, h1.data(), 0, I, buf.data(), pr1.act_bf16);
-      linear_rows(xg.data(), m, *w.w3, h3.data(), 0, I, buf.data(), pr1.act_bf16);
-      for (int64_t i = 0; i < m * I; i++) {
-        float g = h1[i];
-        float v = g / (1.0f + std::exp(-g)) * h3[i];
-        h1[i] = pr.act_bf16 ? round_bf16(v) : v;
-      }
-      if (pr.act_quant && w.w2->dtype == WDType::F8E4M3) act_quant_rows(h1.data(), m, I, pr.act_quant);
-      linear_rows(h1.data(), m, *w.w2, o.data(), 0, D, buf.data(), pr1.act_bf16);
-      for (int64_t i = 0; i < m; i++) {
-        int64_t t = lst[i].first;
-        int k = lst[i].second;
-        std::memcpy(part.data() + (t * topk + k) * D, o.data() + i * D, size_t(D) * 4);
-        used[t * topk + k] = 1;
-      }
+    if (!who[e].empty()) {
+      active.push_back(e);
+      off.push_back(M);
+      hoff.push_back(HM);
+      M += int64_t(who[e].size());
+      HM += int64_t(who[e].size()) * ex[e].w1->rows;
+      quant = quant || (pr.act_quant && ex[e].w1->dtype == WDType::F8E4M3);
+    }
+  const int64_t na = int64_t(active.size());
+  if (na == 0) {
+    std::fill(y, y + T * D, 0.0f);
+    return;
+  }
+  std::vector<float> xq;
+  if (quant) {  // per-token rows, so quantizing x once equals quantizing each expert's copy
+    xq.assign(x, x + T * D);
+    act_quant_rows(xq.data(), T, D, pr.act_quant);
+  }
+  std::vector<float> xg(static_cast<size_t>(M * D)), h1(static_cast<size_t>(HM)), h3(static_cast<size_t>(HM)), o(static_cast<size_t>(M * D));
+  std::vector<int64_t> slot_row(static_cast<size_t>(T * topk), -1);
+  for (int64_t ai = 0; ai < na; ai++) {
+    const auto& lst = who[active[ai]];
+    const float* src = quant && ex[active[ai]].w1->dtype == WDType::F8E4M3 ? xq.data() : x;
+    for (size_t i = 0; i < lst.size(); i++) {
+      std::memcpy(xg.data() + (off[ai] + int64_t(i)) * D, src + lst[i].first * D, size_t(D) * 4);
+      slot_row[lst[i].first * topk + lst[i].second] = off[ai] + int64_t(i);
+    }
+  }
+  // work items (expert, block of rows), so that every thread is busy even at batch 1
+  struct Item {
+    int64_t ai, r0, r1;
+  };
+  auto items = [&](bool down) {
+    std::vector<Item> it;
+    int64_t rows_all = 0;
+    for (int64_t ai = 0; ai < na; ai++) rows_all += down ? D : ex[active[ai]].w1->rows;
+    for (int64_t ai = 0; ai < na; ai++) {
+      const Weight& w = down ? *ex[active[ai]].w2 : *ex[active[ai]].w1;
+      int64_t m = int64_t(who[active[ai]].size());
+      int64_t rb = block_rows(p, rows_all, m, w.cols);
+      for (int64_t r = 0; r < w.rows; r += rb) it.push_back({ai, r, std::min(w.rows, r + rb)});
+    }
+    return it;
+  };
+  // 1. gate and up projections
+  std::vector<Item> up = items(false);
+  p.parallel_for(int64_t(up.size()), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) {
+      const Item& it = up[size_t(i)];
+      const Expert& w = ex[active[it.ai]];
+      int64_t m = int64_t(who[active[it.ai]].size()), I = w.w1->rows;
+      float* sc = scratch(size_t(K.scratch_rows(m, D) * D));
+      K.linear(xg.data() + off[it.ai] * D, D, m, w.w1->view(), it.r0, it.r1, h1.data() + hoff[it.ai], I, pr.act_bf16, sc);
+      K.linear(xg.data() + off[it.ai] * D, D, m, w.w3->view(), it.r0, it.r1, h3.data() + hoff[it.ai], I, pr.act_bf16, sc);
     }
   });
+  // 2. silu(gate) * up, per expert
+  p.parallel_for(na, [&](int64_t b, int64_t e) {
+    for (int64_t ai = b; ai < e; ai++) {
+      const Expert& w = ex[active[ai]];
+      int64_t m = int64_t(who[active[ai]].size()), I = w.w1->rows;
+      float* g = h1.data() + hoff[ai];
+      const float* u = h3.data() + hoff[ai];
+      for (int64_t i = 0; i < m * I; i++) {
+        float v = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+        g[i] = pr.act_bf16 ? round_bf16(v) : v;
+      }
+      if (pr.act_quant && w.w2->dtype == WDType::F8E4M3) act_quant_rows(g, m, I, pr.act_quant);
+    }
+  });
+  // 3. down projections
+  std::vector<Item> down = items(true);
+  p.parallel_for(int64_t(down.size()), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) {
+      const Item& it = down[size_t(i)];
+      const Expert& w = ex[active[it.ai]];
+      int64_t m = int64_t(who[active[it.ai]].size()), I = w.w1->rows;
+      float* sc = scratch(size_t(K.scratch_rows(m, I) * I));
+      K.linear(h1.data() + hoff[it.ai], I, m, w.w2->view(), it.r0, it.r1, o.data() + off[it.ai] * D, D, pr.act_bf16, sc);
+    }
+  });
+  // 4. per token, the experts' outputs summed in slot order (batch invariant)
   for (int64_t t = 0; t < T; t++) {
     float* yr = y + t * D;
     std::fill(yr, yr + D, 0.0f);
     for (int k = 0; k < topk; k++) {
-      if (!used[t * topk + k]) continue;
+      int64_t g = slot_row[t * topk + k];
+      if (g < 0) continue;
       float w = routing[t * 2 * topk + k];
-      const float* pr_ = part.data() + (t * topk + k) * D;
+      const float* pr_ = o.data() + g * D;
       for (int64_t i = 0; i < D; i++) yr[i] += w * pr_[i];
     }
     if (pr.act_bf16)

@@ -9,6 +9,8 @@
 #include <thread>
 #include <vector>
 
+#include "simd.h"
+
 namespace ds3 {
 
 enum class WDType { F8E4M3, BF16, F16, F32 };
@@ -38,7 +40,10 @@ float round_fp8e4m3(float x);
 // ---- thread pool --------------------------------------------------------------------
 class Pool {
  public:
-  explicit Pool(int n);
+  /** n threads (the caller's included), running the kernels `k` (simd.h) */
+  explicit Pool(int n, const Kern* k = nullptr);
+  /** this context's kernel table (one ISA for the context's lifetime: results never depend on a switch) */
+  const Kern& k() const { return *kern_; }
   ~Pool();
   int size() const { return int(workers_.size()) + 1; }
   /** run fn(begin, end) over [0, n) split in contiguous chunks, on all threads; blocks */
@@ -46,6 +51,7 @@ class Pool {
 
  private:
   void loop(int id);
+  const Kern* kern_;
   std::vector<std::thread> workers_;
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
@@ -68,6 +74,17 @@ struct Weight {
   void row(int64_t r, float* out) const;
   /** element size in bytes */
   int esize() const { return dtype == WDType::F8E4M3 ? 1 : dtype == WDType::F32 ? 4 : 2; }
+  /** the plain view the SIMD kernels read */
+  WView view() const { return {int(dtype), rows, cols, data.data(), scale.data(), scols, orow, ocol}; }
+  /**
+   * All rows as fp32 (rows x cols), made once on first use and kept with the weight: for the
+   * weights every step reads whole and reuses (MLA's wkv_b, the router's gate). Thread-safe.
+   */
+  const float* dequantized(const Kern& k) const;
+
+ private:
+  mutable std::once_flag dq_once_;
+  mutable std::vector<float> dq_;
 };
 
 struct Precision {

