@@ -2,7 +2,7 @@
 // its slice of the weights and the shared-memory collective; the results must match one rank
 // (LocalExecutor) and the golden reference, and a failing rank must fail the step cleanly.
 import { cpu } from "@ds3/backend-cpu";
-import { type CacheSpec, type CollectiveBuffers, LocalExecutor, RankExecutor, SharedCollective, type StepInput } from "@ds3/core";
+import { type CacheSpec, Checkpoint, type CollectiveBuffers, DS3, Engine, type Executor, LocalExecutor, RankExecutor, type SamplingParams, SharedCollective, type StepInput } from "@ds3/core";
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
@@ -191,6 +191,139 @@ describe("RankExecutor on tiny-v3 (CPU backend, shared-memory collective)", () =
   });
 });
 
+// World size 1 in a worker is what DS3.load runs at tp 1 (issue 10): it must be the in-thread
+// executor in every respect, including device sampling for backends that have it. The sampling
+// backend (helpers/sampling-backend.mjs) is the CPU backend plus a `sample` op computed with
+// core's Sampler on the downloaded logits, so the host sampler is the independent reference.
+const SAMPLING_BACKEND = fileURLToPath(new URL("./helpers/sampling-backend.mjs", import.meta.url));
+
+async function runAll(ex: Executor, reqs: Array<{ ids: number[]; sampling: SamplingParams }>, deviceSampling = true) {
+  const e = new Engine({ executor: ex, eosIds: [], prefixCaching: false, deviceSampling });
+  const outs = await Promise.all(
+    reqs.map(async (r) => {
+      const ids: number[] = [];
+      const logprobs: number[] = [];
+      for await (const ev of e.generate({ promptIds: r.ids, sampling: r.sampling })) {
+        ids.push(...ev.ids);
+        logprobs.push(...ev.samples.map((s) => s.logprob));
+      }
+      return { ids, logprobs };
+    }),
+  );
+  return { outs, stats: e.stats() };
+}
+
+describe("RankExecutor at world size 1 (what DS3.load runs at tp 1), and device sampling through the workers", () => {
+  let local: LocalExecutor;
+  beforeAll(() => {
+    local = new LocalExecutor(DIR, { backend: cpu, backendOptions: { threads: 1 }, cache: CACHE, mtp: true });
+  });
+  afterAll(async () => {
+    await local?.close();
+  });
+
+  it("one rank in a worker gives the in-thread logits bit for bit, its MTP logits and cache too", async () => {
+    const ws1 = await rankExecutor(1);
+    try {
+      expect(ws1.worldSize).toBe(1);
+      expect(ws1.canSampleOnDevice).toBe(false); // the CPU backend has no `sample`
+      for (const p of g.prompts) {
+        const ref = await local.step(seqStep(p.ids));
+        const got = await ws1.step(seqStep(p.ids));
+        expect(maxAbsDiff(got, ref), `${p.ids.length} tokens`).toBe(0);
+        expect(maxAbsDiff(got, p.logits)).toBeLessThan(1e-3);
+      }
+      const p = g.prompts[2]!;
+      const n = p.ids.length - 1;
+      const mtpIn = { ...seqStep(p.ids.slice(0, n)), rows: range(n), nextIds: Int32Array.from(p.ids.slice(1)) };
+      await local.step(seqStep(p.ids));
+      await ws1.step(seqStep(p.ids));
+      expect(maxAbsDiff(await ws1.mtp(mtpIn), await local.mtp(mtpIn))).toBe(0);
+      expect(maxAbsDiff(await ws1.readCache(2, 0, 40), await local.readCache(2, 0, 40))).toBe(0);
+      expect(await greedy(ws1, p.ids, 8)).toEqual(p.greedy.slice(0, 8));
+    } finally {
+      await ws1.close();
+    }
+  });
+
+  it("stepSampled at world size 1 and 2: the engine samples in the workers and gets what host sampling gives", async () => {
+    const reqs = [
+      { ids: g.prompts[1]!.ids, sampling: { maxTokens: 10, temperature: 0, ignoreEos: true } },
+      { ids: g.prompts[2]!.ids, sampling: { maxTokens: 10, temperature: 0.9, seed: 7, ignoreEos: true } },
+      { ids: g.prompts[0]!.ids, sampling: { maxTokens: 10, temperature: 1.2, topK: 40, topP: 0.9, seed: 11, ignoreEos: true } },
+      { ids: g.prompts[1]!.ids.slice(0, 4), sampling: { maxTokens: 10, temperature: 0.7, minP: 0.05, seed: 3, ignoreEos: true } },
+    ];
+    const ref = await runAll(local, reqs, false);
+    expect(ref.stats.deviceSampledSteps).toBe(0);
+    // an independent check of the reference: the greedy row is the golden continuation
+    expect(ref.outs[0]!.ids).toEqual(g.prompts[1]!.greedy.slice(0, 10));
+    for (const ws of [1, 2]) {
+      const ex = await rankExecutor(ws, { backendPackage: SAMPLING_BACKEND, mtp: false });
+      try {
+        expect(ex.canSampleOnDevice).toBe(true);
+        expect(ex.backendName).toBe("cpu-sampling-test");
+        const got = await runAll(ex, reqs);
+        // every step sampled in the workers: only ids and logprobs crossed back
+        expect(got.stats.deviceSampledSteps).toBe(got.stats.steps);
+        expect(got.stats.steps).toBeGreaterThanOrEqual(10);
+        for (const [i, o] of got.outs.entries()) {
+          expect(o.ids, `ws ${ws}, request ${i}`).toEqual(ref.outs[i]!.ids);
+          expect(o.logprobs.length).toBe(10);
+          for (const [j, lp] of o.logprobs.entries()) expect(Math.abs(lp - ref.outs[i]!.logprobs[j]!)).toBeLessThan(1e-4);
+        }
+      } finally {
+        await ex.close();
+      }
+    }
+  });
+
+  it("a backend without `sample`: stepSampled rejects naming it, and the engine samples on the host", async () => {
+    const ex = await rankExecutor(1, { mtp: false });
+    try {
+      const p = g.prompts[1]!;
+      await expect(ex.stepSampled(seqStep(p.ids, 0, [6]), { params: [{ temperature: 0, topK: 0, topP: 1, minP: 0 }], u: new Float64Array(1), vocabLimit: g.vocab })).rejects.toThrow(
+        "backend cpu cannot sample on the device",
+      );
+      const got = await runAll(ex, [{ ids: p.ids, sampling: { maxTokens: 6, temperature: 0, ignoreEos: true } }]);
+      expect(got.stats.deviceSampledSteps).toBe(0);
+      expect(got.outs[0]!.ids).toEqual(p.greedy.slice(0, 6));
+    } finally {
+      await ex.close();
+    }
+  });
+
+  it("DS3.load at tp 1 runs the model in a worker by default, reports weight progress from it, and keeps the in-thread option", async () => {
+    const ck = Checkpoint.open(DIR);
+    const total = ck.names().reduce((a, n) => a + ck.info(n).nbytes, 0);
+    ck.close();
+    const finals: Array<[number, number]> = [];
+    for (const executor of [undefined, "thread"] as const) {
+      const calls: Array<[number, number]> = [];
+      const ds3 = await DS3.load({ model: DIR, backend: cpu, ...(executor && { executor }), cacheBlocks: 16, onWeights: (d, t) => calls.push([d, t]) });
+      try {
+        expect(ds3.executor).toBeInstanceOf(executor ? LocalExecutor : RankExecutor);
+        expect(calls.length).toBeGreaterThan(0);
+        // the MTP block is not loaded (no speculative decoding): every tensor but its own is read
+        expect(calls.at(-1)![1]).toBe(total);
+        expect(calls.at(-1)![0]).toBeGreaterThan(total / 2);
+        finals.push(calls.at(-1)!);
+        for (let i = 1; i < calls.length; i++) expect(calls[i]![0]).toBeGreaterThanOrEqual(calls[i - 1]![0]);
+        let text = "";
+        for await (const c of ds3.complete({ prompt: g.prompts[1]!.ids, sampling: { maxTokens: 4, temperature: 0, ignoreEos: true } })) text += c.ids.join(",") + ",";
+        expect(text).toBe(g.prompts[1]!.greedy.slice(0, 4).join(",") + ",");
+      } finally {
+        await ds3.close();
+      }
+    }
+    expect(finals[0]).toEqual(finals[1]); // the worker read exactly what the thread reads
+    await expect(DS3.load({ model: DIR, backend: cpu, tp: 2, executor: "thread" })).rejects.toThrow('executor "thread" runs one rank; tp 2 needs worker ranks');
+    const noEntry = { name: "no-entry", available: cpu.available, create: cpu.create };
+    await expect(DS3.load({ model: DIR, backend: noEntry, executor: "worker" })).rejects.toThrow(/backend no-entry cannot run in a worker thread/);
+    // @ts-expect-error a bad value is named
+    await expect(DS3.load({ model: DIR, backend: cpu, executor: "gpu" })).rejects.toThrow('executor must be "worker" or "thread", got "gpu"');
+  });
+});
+
 describe("RankExecutor: parallel sizes and failures", () => {
   it("world size 3 fails with the error naming what does not divide, before any worker starts", async () => {
     // a backend package that does not exist: the check must come first, so this error never shows
@@ -208,6 +341,9 @@ describe("RankExecutor: parallel sizes and failures", () => {
   });
 
   const cases = [
+    { kind: "throw", ws: 1, rank: 0, cause: /^RankExecutor: rank 0 failed at step 1: injected fault at step 1$/ },
+    { kind: "exit", ws: 1, rank: 0, cause: /^RankExecutor: rank 0 exited at step 1: worker exited with code: 7$/ },
+    { kind: "hang", ws: 1, rank: 0, cause: /^RankExecutor: rank 0 did not answer within 1500 ms \(step 1\)$/ },
     { kind: "throw", ws: 2, rank: 1, cause: /^RankExecutor: rank 1 failed at step 1: injected fault at step 1$/ },
     { kind: "exit", ws: 2, rank: 1, cause: /^RankExecutor: rank 1 exited at step 1: worker exited with code: 7$/ },
     { kind: "hang", ws: 2, rank: 1, cause: /^RankExecutor: rank 1 did not answer within 1500 ms \(step 1\); rank 0 waiting for it in a collective$/ },

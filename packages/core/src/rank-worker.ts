@@ -23,14 +23,21 @@ interface RankState {
 
 let st: RankState | null = null;
 
-function ok(data: Float32Array | null = null): RankReply {
-  const reply: RankReply = { ok: true, data };
-  if (!data) return reply;
-  // hand the logits' buffer over instead of copying it (Piscina's Transferable protocol: the
-  // driver receives `reply`, with `buffer` in the transfer list)
-  if (data.byteOffset !== 0 || data.byteLength !== data.buffer.byteLength || !(data.buffer instanceof ArrayBuffer)) reply.data = data.slice();
-  const buffer = reply.data!.buffer;
-  return move({ [transferableSymbol]: [buffer], [valueSymbol]: reply } as never) as unknown as RankReply;
+/** An array that owns its whole (non-shared) buffer, so the buffer can be handed over. */
+function own<T extends Float32Array | Int32Array>(a: T): T {
+  return a.byteOffset !== 0 || a.byteLength !== a.buffer.byteLength || !(a.buffer instanceof ArrayBuffer) ? (a.slice() as T) : a;
+}
+
+function ok(data: Float32Array | null = null, sampled?: { ids: Int32Array; logprobs: Float32Array }): RankReply {
+  const reply: RankReply & { ok: true } = { ok: true, data: data && own(data) };
+  if (sampled) reply.sampled = { ids: own(sampled.ids), logprobs: own(sampled.logprobs) };
+  const buffers: ArrayBuffer[] = [];
+  if (reply.data) buffers.push(reply.data.buffer as ArrayBuffer);
+  if (reply.sampled) buffers.push(reply.sampled.ids.buffer as ArrayBuffer, reply.sampled.logprobs.buffer as ArrayBuffer);
+  if (!buffers.length) return reply;
+  // hand the buffers over instead of copying them (Piscina's Transferable protocol: the driver
+  // receives `reply`, with the buffers in the transfer list)
+  return move({ [transferableSymbol]: buffers, [valueSymbol]: reply } as never) as unknown as RankReply;
 }
 
 function state(): RankState {
@@ -53,7 +60,9 @@ async function init(t: RankInit): Promise<RankReply> {
   try {
     const ck = Checkpoint.open(t.dir);
     try {
-      model = new Transformer(ctx, ck, cfg, { rank: { rank: t.rank, worldSize: t.worldSize }, mtp: t.mtp });
+      const read = t.progress ? new BigInt64Array(t.progress) : null;
+      const onRead = read ? (b: number) => void Atomics.add(read, 0, BigInt(b)) : undefined;
+      model = new Transformer(ctx, ck, cfg, { rank: { rank: t.rank, worldSize: t.worldSize }, mtp: t.mtp, onRead });
     } finally {
       ck.close();
     }
@@ -63,7 +72,7 @@ async function init(t: RankInit): Promise<RankReply> {
     throw e;
   }
   st = { rank: t.rank, ctx, model, coll, last: null, fault: t.fault?.rank === t.rank ? t.fault : undefined };
-  return { ok: true, data: null, info: { backendName: ctx.name, hasMtp: model.mtp !== null, device: ctx.device } };
+  return { ok: true, data: null, info: { backendName: ctx.name, hasMtp: model.mtp !== null, device: ctx.device, canSample: typeof ctx.sample === "function" } };
 }
 
 /** Test hook: fail the way the tests ask for. */
@@ -87,6 +96,16 @@ export default async function rank(t: RankTask): Promise<RankReply> {
         const r = s.model.forward(t.input.ids, t.input, t.input.logitRows);
         s.last = r.hidden;
         return ok(s.rank === 0 ? r.logits : null);
+      }
+      case "stepSampled": {
+        // every rank runs the same ops (the collectives line up); each samples alike, rank 0 answers
+        const s = state();
+        if (s.fault && s.fault.atStep === t.step) injectFault(s.fault, t.step);
+        s.ctx.beginStep();
+        s.last = null;
+        const r = s.model.forwardSampled(t.input.ids, t.input, t.input.logitRows, t.sampling);
+        s.last = r.hidden;
+        return ok(null, s.rank === 0 ? { ids: r.ids, logprobs: r.logprobs } : undefined);
       }
       case "mtp": {
         const s = state();

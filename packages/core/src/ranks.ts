@@ -19,8 +19,9 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 import { Piscina } from "piscina";
 import type { BackendOptions, Collective } from "./backend.js";
 import type { ModelConfig } from "./config.js";
-import { type CacheSpec, type Executor, loadConfig, type MtpInput, type StepInput } from "./executor.js";
+import { type CacheSpec, type Executor, loadConfig, type MtpInput, type StepInput, type StepSampling } from "./executor.js";
 import { checkParallel } from "./model.js";
+import { Checkpoint } from "./safetensors.js";
 
 // ---------------------------------------------------------------------------------------
 // The CPU collective: shared memory between worker threads
@@ -256,16 +257,25 @@ export interface RankInit {
   collective: CollectiveBuffers | null;
   collectiveTimeoutMs: number;
   fault?: FaultInjection;
+  /** weight bytes this rank has read so far (one BigInt64, Atomics): the driver polls it for onWeights */
+  progress?: SharedArrayBuffer;
 }
 export type RankTask =
   | RankInit
   | { kind: "step"; step: number; input: StepInput }
+  | { kind: "stepSampled"; step: number; input: StepInput; sampling: StepSampling }
   | { kind: "mtp"; input: MtpInput }
   | { kind: "readCache"; layer: number; slot: number; count: number }
   | { kind: "close" };
 
 export type RankReply =
-  | { ok: true; data: Float32Array | null; info?: { backendName: string; hasMtp: boolean; device: string } }
+  | {
+      ok: true;
+      data: Float32Array | null;
+      /** stepSampled: the sampled ids and their logprobs (rank 0) */
+      sampled?: { ids: Int32Array; logprobs: Float32Array };
+      info?: { backendName: string; hasMtp: boolean; device: string; canSample: boolean };
+    }
   | { ok: false; aborted: boolean; message: string };
 
 // ---------------------------------------------------------------------------------------
@@ -281,12 +291,17 @@ export interface RankExecutorOptions {
   worldSize: number;
   /** backend threads per rank (default: the machine's cores divided among the ranks) */
   threadsPerRank?: number;
-  /** a step (or MTP step) that a rank does not answer within this many ms fails (default 300 000) */
+  /** a step (or MTP step) that a rank does not answer within this many ms fails (default 300 000; Infinity: no deadline) */
   stepTimeoutMs?: number;
   /** floats per rank per collective chunk (default 1 Mi = 4 MiB per rank and parity) */
   collectiveChunk?: number;
   /** tests only: make one rank throw, exit, or hang at a given step */
   faultInjection?: FaultInjection;
+  /**
+   * progress of reading the weights, polled while the ranks load: (bytes read, bytes of the whole
+   * checkpoint); world size 1 only (there the one rank reads the whole checkpoint)
+   */
+  onWeights?: (done: number, total: number) => void;
 }
 
 /** A rank failed: it threw, its worker exited, or it did not answer in time. */
@@ -362,6 +377,16 @@ export function resolveBackendPackage(spec: string): string {
   throw new Error(`backend package "${spec}" not found in node_modules from ${bases.join(", ")}; install it (e.g. pnpm add ${spec})`);
 }
 
+/** Bytes of every tensor of a checkpoint (the total that onWeights reports against). */
+function checkpointBytes(dir: string): number {
+  const ck = Checkpoint.open(dir);
+  try {
+    return ck.names().reduce((a, n) => a + ck.info(n).nbytes, 0);
+  } finally {
+    ck.close();
+  }
+}
+
 function describe(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
@@ -381,6 +406,8 @@ export class RankExecutor implements Executor {
     readonly backendName: string,
     readonly hasMtp: boolean,
     readonly device: string,
+    /** whether `stepSampled` samples on the device (every rank's backend has `sample`) */
+    readonly canSampleOnDevice: boolean,
     private readonly pools: Piscina<RankTask, RankReply>[],
     private readonly coll: CollectiveBuffers | null,
     private readonly stepTimeoutMs: number,
@@ -403,6 +430,22 @@ export class RankExecutor implements Executor {
       { length: ws },
       () => new Piscina<RankTask, RankReply>({ filename, minThreads: 1, maxThreads: 1, idleTimeout: Infinity, concurrentTasksPerWorker: 1 }),
     );
+    // weight-reading progress of a single rank: it counts into shared memory, the driver polls
+    const progress = opts.onWeights && ws === 1 ? new SharedArrayBuffer(8) : undefined;
+    let poll: NodeJS.Timeout | undefined;
+    let pollFinal: (() => void) | undefined;
+    if (progress) {
+      const total = checkpointBytes(dir);
+      const read = new BigInt64Array(progress);
+      let last = -1;
+      const report = () => {
+        const done = Number(Atomics.load(read, 0));
+        if (done !== last) opts.onWeights!((last = done), total);
+      };
+      poll = setInterval(report, 100);
+      poll.unref();
+      pollFinal = report;
+    }
     const replies = await Promise.allSettled(
       pools.map((p, rank) =>
         p.run({
@@ -419,9 +462,11 @@ export class RankExecutor implements Executor {
           // a safety net for ranks whose driver is gone: the driver's own deadline fires first
           collectiveTimeoutMs: Math.min(2 * stepTimeoutMs, 2 ** 31 - 1),
           fault: f,
+          progress,
         }),
       ),
     );
+    clearInterval(poll);
     let failure: RankError | null = null;
     for (const [rank, r] of replies.entries()) {
       if (failure) break;
@@ -432,9 +477,11 @@ export class RankExecutor implements Executor {
       await Promise.allSettled(pools.map((p) => p.destroy()));
       throw failure;
     }
-    const r0 = replies[0] as PromiseFulfilledResult<RankReply>;
-    const info = r0.value.ok ? r0.value.info : undefined;
-    return new RankExecutor(cfg, opts.cache, ws, info?.backendName ?? opts.backendPackage, info?.hasMtp ?? false, info?.device ?? "", pools, coll, stepTimeoutMs);
+    pollFinal?.();
+    const infos = replies.map((r) => ((r as PromiseFulfilledResult<RankReply>).value as { info?: { canSample: boolean } }).info);
+    const info = (replies[0] as PromiseFulfilledResult<RankReply & { ok: true }>).value.info;
+    const canSample = infos.every((i) => i?.canSample === true);
+    return new RankExecutor(cfg, opts.cache, ws, info?.backendName ?? opts.backendPackage, info?.hasMtp ?? false, info?.device ?? "", canSample, pools, coll, stepTimeoutMs);
   }
 
   get vocabSize(): number {
@@ -447,12 +494,21 @@ export class RankExecutor implements Executor {
   }
 
   step(input: StepInput): Promise<Float32Array> {
-    return this.serial(() => this.everyRank("step", (step) => ({ kind: "step", step, input })));
+    return this.serial(() => this.everyRank("step", (step) => ({ kind: "step", step, input }))).then((r) => r.data ?? new Float32Array(0));
+  }
+
+  /** `step`, with the logit rows sampled on the device by every rank alike (rank 0's ids come back). */
+  stepSampled(input: StepInput, sampling: StepSampling): Promise<{ ids: Int32Array; logprobs: Float32Array }> {
+    if (!this.canSampleOnDevice) return Promise.reject(new Error(`backend ${this.backendName} cannot sample on the device`));
+    return this.serial(() => this.everyRank("step", (step) => ({ kind: "stepSampled", step, input, sampling }))).then((r) => {
+      if (!r.sampled) throw new Error("RankExecutor: rank 0 sent no sampled ids");
+      return r.sampled;
+    });
   }
 
   mtp(input: MtpInput): Promise<Float32Array> {
     if (!this.hasMtp) return Promise.reject(new Error("this model has no MTP block loaded"));
-    return this.serial(() => this.everyRank("mtp", () => ({ kind: "mtp", input })));
+    return this.serial(() => this.everyRank("mtp", () => ({ kind: "mtp", input }))).then((r) => r.data ?? new Float32Array(0));
   }
 
   readCache(layer: number, slot: number, count: number): Promise<Float32Array> {
@@ -474,16 +530,16 @@ export class RankExecutor implements Executor {
     return p;
   }
 
-  /** Post the same task to every rank; rank 0's reply carries the logits. Fails on the first rank that fails. */
-  private everyRank(what: "step" | "mtp", task: (step: number) => RankTask): Promise<Float32Array> {
+  /** Post the same task to every rank; rank 0's reply carries the result. Fails on the first rank that fails. */
+  private everyRank(what: "step" | "mtp", task: (step: number) => RankTask): Promise<RankReply & { ok: true }> {
     const N = this.worldSize;
     const step = what === "step" ? this.steps++ : this.steps - 1;
     const at = what === "step" ? `step ${step}` : `the MTP step after step ${step}`;
     this.busy++;
-    return new Promise<Float32Array>((resolve, reject) => {
+    return new Promise<RankReply & { ok: true }>((resolve, reject) => {
       const answered = new Array<boolean>(N).fill(false);
       let left = N;
-      let logits: Float32Array | null = null;
+      let first: (RankReply & { ok: true }) | null = null;
       let aborted: RankError | null = null;
       let done = false;
       const finish = (err: RankError | null) => {
@@ -495,7 +551,7 @@ export class RankExecutor implements Executor {
           this.broken = err;
           if (this.coll) SharedCollective.abort(this.coll); // wake the ranks still blocked in a collective
           reject(err);
-        } else resolve(logits ?? new Float32Array(0));
+        } else resolve(first ?? { ok: true, data: null });
       };
       const timer = Number.isFinite(this.stepTimeoutMs)
         ? setTimeout(() => {
@@ -519,7 +575,7 @@ export class RankExecutor implements Executor {
             answered[r] = true;
             left--;
             if (rep.ok) {
-              if (r === 0) logits = rep.data;
+              if (r === 0) first = rep;
             } else if (rep.aborted) {
               // a consequence, not a cause: keep waiting for the rank that failed (or the deadline)
               aborted ??= new RankError(r, `RankExecutor: ${rep.message} (${at})`);

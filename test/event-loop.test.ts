@@ -1,0 +1,76 @@
+// The event loop stays free while the model runs (issue 10): at tp 1, DS3.load runs the model in
+// a worker thread by default, so a real server on 127.0.0.1 answers GET /health while a step is
+// blocked. The backend here (helpers/slow-backend.mjs) is the CPU backend with one op that blocks
+// its thread synchronously for 1.5 s in steps that contain a marker token: in the calling thread
+// (executor "thread") that stalls /health until the step ends; in the worker it must not.
+import { DS3, LocalExecutor, RankExecutor } from "@ds3/core";
+import { createServer, type Ds3Server } from "@ds3/server";
+import { request } from "node:http";
+import { fileURLToPath } from "node:url";
+import { afterEach, describe, expect, it } from "vitest";
+// @ts-expect-error plain ESM helper without types (worker ranks import it by path)
+import { BLOCK_MS, SLOW_TOKEN, slowCpu } from "./helpers/slow-backend.mjs";
+
+const DIR = fileURLToPath(new URL("./fixtures/tiny-v3/", import.meta.url));
+
+function http(port: number, method: string, path: string, body?: unknown): Promise<{ status: number; body: string; at: number }> {
+  return new Promise((resolve, reject) => {
+    const data = body === undefined ? undefined : JSON.stringify(body);
+    const req = request({ host: "127.0.0.1", port, path, method, agent: false, headers: data ? { "Content-Type": "application/json" } : {} }, (res) => {
+      let s = "";
+      res.setEncoding("utf8");
+      res.on("data", (c: string) => (s += c));
+      res.on("end", () => resolve({ status: res.statusCode!, body: s, at: performance.now() }));
+      res.on("error", reject);
+    });
+    req.on("error", reject);
+    req.end(data);
+  });
+}
+
+let ds3: DS3 | null = null;
+let srv: Ds3Server | null = null;
+afterEach(async () => {
+  await srv?.close();
+  await ds3?.close();
+  srv = ds3 = null;
+});
+
+/** Start a completion whose prefill step blocks, probe /health while it runs. */
+async function probeDuringBlockedStep(executor?: "worker" | "thread") {
+  ds3 = await DS3.load({ model: DIR, backend: slowCpu, ...(executor && { executor }), cacheBlocks: 16 });
+  srv = createServer({ ds3, apiKeys: [] });
+  const { port } = await srv.listen(0, "127.0.0.1");
+  // the server answers before any step runs
+  expect((await http(port, "GET", "/health")).status).toBe(200);
+  const t0 = performance.now();
+  const completion = http(port, "POST", "/v1/completions", { prompt: [5, SLOW_TOKEN, 9], max_tokens: 1, temperature: 0 });
+  // the step is blocked by now; a blocked loop also delays this timer: latency counts from when it was due
+  await new Promise((r) => setTimeout(r, 300));
+  const health = await http(port, "GET", "/health");
+  const done = await completion;
+  return { executor: ds3.executor, health, healthMs: health.at - (t0 + 300), done, completionMs: done.at - t0 };
+}
+
+describe("the HTTP event loop while a step runs", () => {
+  it("answers /health during a blocked step when the model runs in its worker (the default at tp 1)", async () => {
+    const r = await probeDuringBlockedStep();
+    expect(r.done.status).toBe(200);
+    expect(JSON.parse(r.done.body).usage.completion_tokens).toBe(1);
+    // the step really blocked for BLOCK_MS ...
+    expect(r.completionMs).toBeGreaterThanOrEqual(BLOCK_MS - 50);
+    // ... and /health answered while it did, promptly
+    expect(r.health.status).toBe(200);
+    expect(r.healthMs).toBeLessThan(500);
+    expect(r.health.at).toBeLessThan(r.done.at);
+    expect(r.executor).toBeInstanceOf(RankExecutor);
+  });
+
+  it('with executor "thread" the same step holds /health until it ends (what the worker avoids)', async () => {
+    const r = await probeDuringBlockedStep("thread");
+    expect(r.executor).toBeInstanceOf(LocalExecutor);
+    expect(r.done.status).toBe(200);
+    expect(r.health.status).toBe(200);
+    expect(r.healthMs).toBeGreaterThan(BLOCK_MS - 300 - 200);
+  });
+});
