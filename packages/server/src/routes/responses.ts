@@ -31,6 +31,7 @@ export function toChatRequest(r: ResponsesRequest): ChatRequest {
     logprobs: r.logprobs,
     logitBias: null,
     jsonMode: r.format?.type === "json_object",
+    grammar: r.format ? { spec: r.format, param: "text.format" } : null,
     ...(r.maxOutputTokens !== undefined && { maxTokens: r.maxOutputTokens }),
     messages: r.messages,
     tokenIdNames: false,
