@@ -8,7 +8,6 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { FIXTURES, loadGolden } from "./helpers/golden.js";
-import { Pty } from "./helpers/pty.js";
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));
 const BIN = join(ROOT, "packages/cli/dist/ds3.js");
@@ -363,36 +362,6 @@ describe("the built-in model", () => {
     expect(o.model.ranks.find((x) => x.tp === 2)!.ok).toBe(true);
     const text = ok(await ds3(["inspect"]));
     expect(text.stdout).toMatch(/cpu\s+available/);
-  });
-
-  it("chat in a terminal answers, Ctrl-C stops the reply, not the program; /exit exits 0", async () => {
-    const pty = new Pty([process.execPath, BIN, "chat", "--seed", "3", "--max-tokens", "3000", "--ignore-eos"], { cwd: ROOT, env: { DS3_CACHE_DIR: cache } });
-    try {
-      let at = await pty.waitFor(/> /);
-      pty.type("Hello there\r");
-      at = await pty.waitFor(/Hello there\r*\n/, at);
-      await pty.waitFor(/[^]{40}/, at); // the reply streams
-      pty.type("\x03");
-      at = await pty.waitFor(/\(stopped\)[^]*> /, at);
-      // the program is alive: a second turn, with the history, answers too
-      pty.type("And now?\r");
-      at = await pty.waitFor(/And now\?\r*\n/, at);
-      await pty.waitFor(/[^]{40}/, at);
-      pty.type("\x03");
-      at = await pty.waitFor(/\(stopped\)[^]*> /, at);
-      pty.type("/reset\r");
-      at = await pty.waitFor(/history cleared[^]*> /, at);
-      pty.type("/exit\r");
-      expect(await pty.exited).toBe(0);
-    } finally {
-      pty.kill();
-    }
-  });
-
-  it("chat reads turns from a pipe too", async () => {
-    const r = ok(await ds3(["chat", "--max-tokens", "6", "--temperature", "0"], { input: "Hi\n/reset\nHello again\n/exit\n" }));
-    expect(r.stdout.trim()).not.toBe("");
-    expect(r.stderr).toMatch(/history cleared/);
   });
 });
 
