@@ -104,17 +104,26 @@ export class LocalExecutor implements Executor {
     readonly opts: ModelLoadOptions,
   ) {
     const cfg = loadConfig(dir);
-    this.ctx = opts.backend.create(opts.backendOptions);
     const ck = Checkpoint.open(dir);
     const total = opts.onWeights ? ck.names().reduce((a, n) => a + ck.info(n).nbytes, 0) : 0;
     let done = 0;
     const onRead = opts.onWeights ? (b: number) => opts.onWeights!((done += b), total) : undefined;
     try {
+      this.ctx = opts.backend.create(opts.backendOptions);
+    } catch (e) {
+      ck.close();
+      throw e;
+    }
+    // a load that fails part way releases what the backend holds (weights uploaded so far)
+    try {
       this.model = new Transformer(this.ctx, ck, cfg, { mtp: opts.mtp, onRead });
+      this.model.allocCache(opts.cache.numBlocks, opts.cache.blockSize, opts.cache.dtype);
+    } catch (e) {
+      this.ctx.dispose();
+      throw e;
     } finally {
       ck.close();
     }
-    this.model.allocCache(opts.cache.numBlocks, opts.cache.blockSize, opts.cache.dtype);
   }
   get config() {
     return this.model.cfg;

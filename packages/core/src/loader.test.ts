@@ -531,6 +531,25 @@ describe("safetensors: the format's rules (spans tile the data section, header s
     expectCkError(() => new SafetensorsFile(p), /__metadata__ must map strings to strings/, { file: p });
   });
 
+  it("a duplicate key in the index's weight_map is rejected, naming the index and the tensor", () => {
+    const dir = copyFixture();
+    const ip = join(dir, "model.safetensors.index.json");
+    const text = readFileSync(ip, "utf8");
+    writeFileSync(ip, text.replace(`"weight_map": {`, `"weight_map": {\n    "${SMALL}": "${SHARD1}",`));
+    expectCkError(() => Checkpoint.open(dir), new RegExp(`duplicate key "${SMALL.replace(/\./g, "\\.")}" in model\\.safetensors\\.index\\.json`), { file: ip });
+  });
+
+  it("an entry without dtype, shape or data_offsets says which is missing", () => {
+    const d = tmp();
+    for (const k of ["dtype", "shape", "data_offsets"]) {
+      const e: Record<string, unknown> = { dtype: "F32", shape: [1], data_offsets: [0, 4] };
+      delete e[k];
+      const p = writeRaw(join(d, `no-${k}.safetensors`), { "a.weight": e }, 4);
+      const err = expectCkError(() => new SafetensorsFile(p), new RegExp(`header entry has no "${k}"`), { file: p, tensor: "a.weight" });
+      expect(err.message).not.toMatch(/undefined/);
+    }
+  });
+
   it('index entries whose shard is not a plain file name inside the model directory ("", ".", "..", a directory) name the entry', () => {
     for (const bad of ["", ".", "..", "sub", 5]) {
       const dir = copyFixture();

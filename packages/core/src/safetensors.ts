@@ -80,6 +80,7 @@ export class SafetensorsFile {
         }
         const t = v as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
         if (!t || typeof t !== "object") throw new CheckpointError("header entry is not an object", path, tname);
+        for (const k of ["dtype", "shape", "data_offsets"] as const) if (t[k] === undefined) throw new CheckpointError(`header entry has no "${k}"`, path, tname);
         if (typeof t.dtype !== "string" || !Object.hasOwn(DTYPE_SIZE, t.dtype))
           throw new CheckpointError(`unknown dtype ${JSON.stringify(t.dtype)} (supported: ${Object.keys(DTYPE_SIZE).join(", ")})`, path, tname);
         const dtype = t.dtype as DType;
@@ -153,11 +154,15 @@ export class Checkpoint {
       const indexPath = join(dir, "model.safetensors.index.json");
       if (existsSync(indexPath)) {
         let index: { weight_map?: Record<string, string> };
+        const text = readFileSync(indexPath, "utf8");
         try {
-          index = JSON.parse(readFileSync(indexPath, "utf8")) as typeof index;
+          index = JSON.parse(text) as typeof index;
         } catch (e) {
           throw new CheckpointError(`not valid JSON (${(e as Error).message})`, indexPath);
         }
+        // a tensor listed twice: JSON.parse would keep the last shard named, silently
+        const dup = duplicateKey(text);
+        if (dup) throw new CheckpointError(`duplicate key "${dup.key}" in model.safetensors.index.json`, indexPath);
         if (!index || typeof index !== "object" || !index.weight_map || typeof index.weight_map !== "object") throw new CheckpointError(`has no "weight_map"`, indexPath);
         if (Array.isArray(index.weight_map)) throw new CheckpointError(`"weight_map" must be an object of tensor name -> shard file`, indexPath);
         // a shard is a plain file name inside the model directory: never "", ".", "..", a path or a directory
