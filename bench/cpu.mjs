@@ -6,7 +6,7 @@
 // and batch 8 (8 sequences sharing the 512-token prefix, each decoding its own tokens); the
 // machine's streaming-read bandwidth measured in the same run, and each figure's fraction of the
 // memory roofline (bytes a step must read / bandwidth). Load average is recorded with each figure.
-import { cpu, readBandwidth } from "@ds3/backend-cpu";
+import { availableIsas, cpu, readBandwidth } from "@ds3/backend-cpu";
 import { LocalExecutor, ensureBuiltinModel } from "@ds3/core";
 import { availableParallelism, cpus, loadavg } from "node:os";
 import { parseArgs } from "node:util";
@@ -60,7 +60,7 @@ const prefillStep = () => ({
 
 const results = {
   machine: `${cpus()[0]?.model} x${availableParallelism()}`, threads, model: values.model ? dir : "builtin generator with shape", shape: values.model ? undefined : SHAPE,
-  weight_bytes_per_decode_token_b1: Math.round(stepBytes(1, P)), figures: {},
+  kernels: process.env.DS3_CPU_ISA || availableIsas()[0], weight_bytes_per_decode_token_b1: Math.round(stepBytes(1, P)), figures: {},
 };
 
 // prefill: the first run warms up (page-ins, caches), the second is measured

@@ -122,6 +122,7 @@ class Context : public Napi::ObjectWrap<Context> {
       if ((w->rows - 1 + w->orow) / 128 >= w->srows || (w->cols - 1 + w->ocol) / 128 >= w->scols)
         throw Napi::RangeError::New(env, "weight scale does not cover the weight's 128x128 blocks");
       w->scale.assign(s, s + w->srows * w->scols);
+      for (float v : w->scale) w->scale_ok = w->scale_ok && std::isfinite(v * 1.329227995784916e36f);  // v * 2^120
     }
     return wrap(env, w);
   }

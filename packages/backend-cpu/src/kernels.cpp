@@ -59,23 +59,27 @@ Pool::~Pool() {
   cv_.notify_all();
   for (auto& t : workers_) t.join();
 }
+// Work is handed out in chunks to whichever thread asks first, and the caller waits only for
+// chunks in flight: a worker the OS has not scheduled yet (a busy machine) delays nothing, it
+// finds the job done when it wakes. No result depends on which thread ran a chunk.
 void Pool::loop(int) {
   uint64_t seen = 0;
+  std::unique_lock<std::mutex> l(mu_);
   for (;;) {
-    std::unique_lock<std::mutex> l(mu_);
     cv_.wait(l, [&] { return stop_ || gen_ != seen; });
     if (stop_) return;
     seen = gen_;
-    for (;;) {
-      if (next_ >= n_) break;
+    while (next_ < n_) {
       int64_t b = next_;
       next_ = std::min(n_, next_ + chunk_);
       int64_t e = next_;
+      const auto* job = job_;
+      pending_++;
       l.unlock();
-      (*job_)(b, e);
+      (*job)(b, e);
       l.lock();
+      if (--pending_ == 0 && next_ >= n_) done_cv_.notify_all();
     }
-    if (--pending_ == 0) done_cv_.notify_all();
   }
 }
 void Pool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t min_chunk) {
@@ -91,11 +95,10 @@ void Pool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& 
   n_ = n;
   chunk_ = chunk;
   next_ = 0;
-  pending_ = int(workers_.size());
+  pending_ = 0;
   gen_++;
   cv_.notify_all();
-  for (;;) {
-    if (next_ >= n_) break;
+  while (next_ < n_) {
     int64_t b = next_;
     next_ = std::min(n_, next_ + chunk_);
     int64_t e = next_;
@@ -105,6 +108,7 @@ void Pool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& 
   }
   done_cv_.wait(l, [&] { return pending_ == 0; });
   job_ = nullptr;
+  n_ = 0;
 }
 
 // ---- weights ------------------------------------------------------------------------

@@ -75,7 +75,8 @@ struct Weight {
   /** element size in bytes */
   int esize() const { return dtype == WDType::F8E4M3 ? 1 : dtype == WDType::F32 ? 4 : 2; }
   /** the plain view the SIMD kernels read */
-  WView view() const { return {int(dtype), rows, cols, data.data(), scale.data(), scols, orow, ocol}; }
+  WView view() const { return {int(dtype), rows, cols, data.data(), scale.data(), scols, orow, ocol, scale_ok}; }
+  bool scale_ok = true;  // FP8: every block scale < 2^8 (set at load)
   /**
    * All rows as fp32 (rows x cols), made once on first use and kept with the weight: for the
    * weights every step reads whole and reuses (MLA's wkv_b, the router's gate). Thread-safe.

@@ -3,7 +3,7 @@
 // that GPU kernels are checked against, rope, routing.
 import { describe, expect, it } from "vitest";
 import { type HostWeight, Rng } from "@ds3/core";
-import { CpuContext } from "./index.js";
+import { CpuContext, availableIsas } from "./index.js";
 
 const rng = new Rng(42);
 const randn = () => {
@@ -183,5 +183,83 @@ describe("CPU kernels vs float64 formulas", () => {
       cand.forEach((e, k) => expect(out[t * 2 * K + k]).toBeCloseTo((sc[e]! / sum) * 2.5, 5));
     }
     ctx.dispose();
+  });
+});
+
+/** a context whose kernels are those of `isa` (DS3_CPU_ISA is read when a context is made) */
+function withIsa(isa: string, threads = 2): CpuContext {
+  const prev = process.env.DS3_CPU_ISA;
+  process.env.DS3_CPU_ISA = isa;
+  try {
+    return new CpuContext({ threads });
+  } finally {
+    if (prev === undefined) delete process.env.DS3_CPU_ISA;
+    else process.env.DS3_CPU_ISA = prev;
+  }
+}
+
+function bf16Weight(rows: number, cols: number): { hw: HostWeight; dense: Float64Array } {
+  const v = new Uint16Array(rows * cols);
+  const dense = new Float64Array(rows * cols);
+  const f = new Float32Array(1);
+  const u = new Uint32Array(f.buffer);
+  for (let i = 0; i < v.length; i++) {
+    f[0] = randn() * 0.05;
+    v[i] = u[0]! >>> 16;
+    u[0] = v[i]! << 16;
+    dense[i] = f[0];
+  }
+  return { hw: { name: "wb", dtype: "bf16", shape: [rows, cols], data: new Uint8Array(v.buffer) }, dense };
+}
+
+describe.each(availableIsas())("SIMD kernels (%s)", (isa) => {
+  // 203 rows (not a multiple of the 4-row register tile), 300 columns (a tail after the 16/8/4 lanes)
+  const T = 40, N = 203, K = 300;
+  const x = Float32Array.from({ length: T * K }, randn);
+  const weights = () => {
+    const a = fp8Weight(N, K, [0, 0]); // decoded in registers for short batches
+    const b = fp8Weight(N, K, [40, 32]); // a slice inside a block, lane-aligned
+    const c = fp8Weight(N, K, [0, 50]); // not lane-aligned: the decoded-tile path
+    const big = fp8Weight(N, K, [0, 0]); // scales >= 2^8: the two-step exact decode
+    big.hw.scale = big.hw.scale!.map((s, i) => (i % 2 ? s * 1e5 : s));
+    for (let r = 0; r < N; r++) for (let k = 0; k < K; k++) big.dense[r * K + k] = fp8Decode(big.hw.data[r * K + k]!) * big.hw.scale[Math.floor(r / 128) * big.hw.scaleShape![1] + Math.floor(k / 128)]!;
+    return { "fp8": a, "fp8 slice": b, "fp8 unaligned slice": c, "fp8 large scales": big, "bf16": bf16Weight(N, K) };
+  };
+
+  it("linear matches the float64 formula for FP8 (aligned, sliced, unaligned, large scales) and BF16 weights", () => {
+    const ctx = withIsa(isa);
+    expect(ctx.isa).toBe(isa);
+    expect(ctx.device).toContain(isa);
+    for (const [name, { hw, dense }] of Object.entries(weights())) {
+      for (const n of [1, 3, T]) {
+        const y = ctx.download(ctx.linear(ctx.upload(x.subarray(0, n * K), [n, K]), ctx.weight(hw)));
+        expect(maxRel(y, refLinear(x, n, dense, N, K)), `${name}, ${n} tokens`).toBeLessThan(2e-6);
+      }
+    }
+    ctx.dispose();
+  });
+
+  it("batch invariance: a token's outputs are bit-identical alone and in batches of every size (register and tiled paths)", () => {
+    const ctx = withIsa(isa);
+    for (const [name, { hw }] of Object.entries(weights())) {
+      const w = ctx.weight(hw);
+      const all = ctx.download(ctx.linear(ctx.upload(x, [T, K]), w));
+      for (const n of [1, 2, 3, 5, 6, 7, 13]) {
+        const y = ctx.download(ctx.linear(ctx.upload(x.subarray((T - n) * K), [n, K]), w));
+        expect(y, `${name}, the last ${n} tokens alone`).toEqual(all.subarray((T - n) * N));
+      }
+    }
+    ctx.dispose();
+  });
+});
+
+describe("SIMD kernel choice", () => {
+  it("the best ISA is the default; an unknown or unsupported one is refused by name", () => {
+    const isas = availableIsas();
+    expect(isas).toContain("generic");
+    const ctx = new CpuContext({ threads: 1 });
+    expect(ctx.isa).toBe(process.env.DS3_CPU_ISA || isas[0]);
+    ctx.dispose();
+    expect(() => withIsa("sse9")).toThrow(/"sse9" are not available on this machine \(available: .*generic/);
   });
 });

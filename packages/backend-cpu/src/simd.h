@@ -23,6 +23,7 @@ struct WView {
   const uint8_t* data;
   const float* scale;  // FP8: [srows, scols] block scales (128x128)
   int64_t scols, orow, ocol;
+  bool scale_ok;  // FP8: every scale * 2^120 is finite (the one-multiply exact decode applies)
 };
 
 struct Kern {

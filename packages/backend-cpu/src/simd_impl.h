@@ -145,12 +145,103 @@ void gemm(const float* x, int64_t ldx, int64_t T, const float* w, int64_t ldw, i
   }
 }
 
-// rows decoded per block: a tile of about 192 KiB (L2), at most 64 rows, at least 4
+// rows decoded per block: a tile of about 192 KiB (L2) for a long batch, 32 KiB (L1) for a short one
 int64_t scratch_rows(int64_t T, int64_t K) {
-  int64_t r = (192 * 1024 / 4) / (K > 0 ? K : 1);
+  int64_t r = ((T > 16 ? 192 : 32) * 1024 / 4) / (K > 0 ? K : 1);
   r = r < 4 ? 4 : r > 64 ? 64 : r;
-  if (T <= 2) r = r > 16 ? 16 : r;  // decode: small blocks, the weights stream through once
   return r & ~int64_t(3);
+}
+
+// ---- short batches: the weights decoded in registers, straight from the stored bytes ---------
+// The same arithmetic as decode + tile (each weight is V::fp8 * (scale * 2^120), then the same
+// accumulators in the same order), so results are bit-identical to the tiled path; used where
+// every L-lane vector lies inside one scale block (ocol a multiple of L) and scales are < 2^8.
+template <int NT>
+inline void tile_fp8(const float* const* xs, const uint8_t* const* wp, const float* const* srow, int64_t ocol, int64_t K, float (*out)[TB]) {
+  typename V::R acc[4][NT];
+  for (int r = 0; r < 4; r++)
+    for (int t = 0; t < NT; t++) acc[r][t] = V::zero();
+  int64_t k = 0;
+  while (k + V::L <= K) {
+    const int64_t blk = (k + ocol) / 128, end = min64(K, (blk + 1) * 128 - ocol), vend = k + (end - k) / V::L * V::L;
+    const typename V::R s0 = V::set1(srow[0][blk] * TWO_120), s1 = V::set1(srow[1][blk] * TWO_120), s2 = V::set1(srow[2][blk] * TWO_120),
+                        s3 = V::set1(srow[3][blk] * TWO_120);
+    for (; k < vend; k += V::L) {
+      const typename V::R w0 = V::mul(V::fp8(wp[0] + k), s0), w1 = V::mul(V::fp8(wp[1] + k), s1), w2 = V::mul(V::fp8(wp[2] + k), s2),
+                          w3 = V::mul(V::fp8(wp[3] + k), s3);
+      for (int t = 0; t < NT; t++) {
+        const typename V::R xv = V::load(xs[t] + k);
+        acc[0][t] = V::fma(w0, xv, acc[0][t]);
+        acc[1][t] = V::fma(w1, xv, acc[1][t]);
+        acc[2][t] = V::fma(w2, xv, acc[2][t]);
+        acc[3][t] = V::fma(w3, xv, acc[3][t]);
+      }
+    }
+    if (vend < end) break;  // the tail of the row
+  }
+  for (int r = 0; r < 4; r++)
+    for (int t = 0; t < NT; t++) {
+      float s = V::hsum(acc[r][t]);
+      for (int64_t j = k; j < K; j++) s += (scalar_fp8(wp[r][j]) * (srow[r][(j + ocol) / 128] * TWO_120)) * xs[t][j];
+      out[r][t] = s;
+    }
+}
+template <int NT>
+inline void tile_bf16(const float* const* xs, const uint16_t* const* wp, int64_t K, float (*out)[TB]) {
+  typename V::R acc[4][NT];
+  for (int r = 0; r < 4; r++)
+    for (int t = 0; t < NT; t++) acc[r][t] = V::zero();
+  int64_t k = 0;
+  for (; k + V::L <= K; k += V::L) {
+    const typename V::R w0 = V::bf16(wp[0] + k), w1 = V::bf16(wp[1] + k), w2 = V::bf16(wp[2] + k), w3 = V::bf16(wp[3] + k);
+    for (int t = 0; t < NT; t++) {
+      const typename V::R xv = V::load(xs[t] + k);
+      acc[0][t] = V::fma(w0, xv, acc[0][t]);
+      acc[1][t] = V::fma(w1, xv, acc[1][t]);
+      acc[2][t] = V::fma(w2, xv, acc[2][t]);
+      acc[3][t] = V::fma(w3, xv, acc[3][t]);
+    }
+  }
+  for (int r = 0; r < 4; r++)
+    for (int t = 0; t < NT; t++) {
+      float s = V::hsum(acc[r][t]);
+      for (int64_t j = k; j < K; j++) s += scalar_bf16(wp[r][j]) * xs[t][j];
+      out[r][t] = s;
+    }
+}
+
+/** rows [r0, r1) of w against T <= TB tokens, weights decoded in registers; false where it does not apply */
+bool linear_fused(const float* x, int64_t ldx, int64_t T, const ds3::WView& w, int64_t r0, int64_t r1, float* y, int64_t ldy, bool bf16) {
+  if (T > TB || !(w.dtype == 1 || (w.dtype == 0 && w.scale_ok && w.ocol % V::L == 0))) return false;
+  const int64_t K = w.cols;
+  const float* xs[TB];
+  for (int i = 0; i < TB; i++) xs[i] = x + min64(i, T - 1) * ldx;
+  for (int64_t q = r0; q < r1; q += 4) {
+    const int64_t n = min64(4, r1 - q);
+    float out[4][TB];
+    if (w.dtype == 0) {
+      const uint8_t* wp[4];
+      const float* sr[4];
+      for (int j = 0; j < 4; j++) {
+        const int64_t r = q + min64(j, n - 1);
+        wp[j] = w.data + r * K;
+        sr[j] = w.scale + ((r + w.orow) / 128) * w.scols;
+      }
+      if (T == 1) tile_fp8<1>(xs, wp, sr, w.ocol, K, out);
+      else tile_fp8<TB>(xs, wp, sr, w.ocol, K, out);
+    } else {
+      const uint16_t* wp[4];
+      for (int j = 0; j < 4; j++) wp[j] = reinterpret_cast<const uint16_t*>(w.data) + (q + min64(j, n - 1)) * K;
+      if (T == 1) tile_bf16<1>(xs, wp, K, out);
+      else tile_bf16<TB>(xs, wp, K, out);
+    }
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t j = 0; j < n; j++) {
+        float v = out[j][t];
+        y[t * ldy + q + j] = bf16 ? round_bf16(v) : v;
+      }
+  }
+  return true;
 }
 
 void linear(const float* x, int64_t ldx, int64_t T, const ds3::WView& w, int64_t r0, int64_t r1, float* y, int64_t ldy, bool bf16,
@@ -160,6 +251,7 @@ void linear(const float* x, int64_t ldx, int64_t T, const ds3::WView& w, int64_t
     gemm(x, ldx, T, reinterpret_cast<const float*>(w.data) + r0 * K, K, r1 - r0, K, y + r0, ldy, bf16);
     return;
   }
+  if (linear_fused(x, ldx, T, w, r0, r1, y, ldy, bf16)) return;
   const int64_t RB = scratch_rows(T, K);
   for (int64_t b = r0; b < r1; b += RB) {
     const int64_t n = min64(RB, r1 - b);
