@@ -668,3 +668,39 @@ describe(`loader fuzz: seeded mutants of tiny-v3 (seed ${SEED})`, () => {
     expect(live, "backend contexts of failed loads that were never disposed").toBe(0);
   });
 });
+
+describe("config fields deleted from tiny-v3 load as transformers' defaults (the logits used to move by 7 to 15)", () => {
+  let dirRoot: string;
+  beforeAll(() => {
+    dirRoot = mkdtempSync(join(tmpdir(), "ds3-defaults-"));
+  });
+  afterAll(() => rmSync(dirRoot, { recursive: true, force: true }));
+  const withConfig = async (name: string, c: Record<string, unknown>) => {
+    const d = join(dirRoot, name);
+    mkdirSync(d);
+    for (const f of FILES) if (f !== "config.json") symlinkSync(join(TINY, f), join(d, f));
+    writeFileSync(join(d, "config.json"), JSON.stringify(c));
+    const o = await load(d);
+    if (o.kind !== "loaded") throw o.error;
+    return o;
+  };
+
+  it("topk_method, norm_topk_prob, scoring_func, n_shared_experts, routed_scaling_factor: tiny-v3 has transformers' values, so the golden logits", async () => {
+    for (const k of ["topk_method", "norm_topk_prob", "scoring_func", "n_shared_experts", "routed_scaling_factor"]) {
+      const c = clone(config);
+      delete c[k];
+      const o = await withConfig(`no-${k}`, c);
+      expect(maxAbsDiff(o.logits, PROMPT.logits), k).toBeLessThan(1e-3);
+      expect(o.warnings, k).toEqual([]);
+    }
+  });
+
+  it("topk_group (tiny-v3: 2, transformers: 4): the logits of topk_group 4 written out, and not those of 2", async () => {
+    const c = clone(config);
+    delete c.topk_group;
+    const a = await withConfig("no-topk_group", c);
+    const b = await withConfig("topk_group-4", { ...clone(config), topk_group: 4 });
+    expect(sameBits(a.logits, b.logits)).toBe(true);
+    expect(maxAbsDiff(a.logits, PROMPT.logits)).toBeGreaterThan(1e-3);
+  });
+});
