@@ -10,6 +10,7 @@ import { type ChatMessage, Tokenizer } from "@ds3/core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ContextError, fitContext } from "../packages/cli/src/chat-context.js";
 import { Pty } from "./helpers/pty.js";
+import { screenOf } from "./helpers/screen.js";
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url));
 const BIN = join(ROOT, "packages/cli/dist/ds3.js");
@@ -55,6 +56,14 @@ const chat = (args: string[], cacheDir: string) => new Pty([process.execPath, BI
 const onScreen = (s: string) => s.replace(/[\x00-\x08\x0b-\x1f\x7f\x9b]/g, "\ufffd");
 const screen = (p: Pty) => p.out.replace(/\r*\n/g, "\n");
 const count = (s: string, sub: string) => s.split(sub).length - 1;
+
+async function until(what: string, f: () => boolean, p: Pty, timeoutMs = 20_000): Promise<void> {
+  const t0 = Date.now();
+  while (!f()) {
+    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting for ${what}; screen:\n${screenOf(p.out, 120).join("\n")}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
 
 /** The greedy reply of `ds3 generate` to one user message: what chat must answer to it as the first turn. */
 async function generated(message: string, maxTokens: number): Promise<string> {
@@ -134,6 +143,48 @@ describe("chat in a terminal", () => {
       expect(count(out, CUT)).toBe(3); // three turns, not nine
       expect(count(out, "> line one\n… line two\n… line three\n")).toBe(3); // each shown as one message
       expect(count(out, `${onScreen(want)}\n${CUT}`)).toBe(3); // each answered as the three-line message
+    } finally {
+      pty.kill();
+    }
+  });
+
+  it("edits as readline does; the screen shows the message as edited, wrapped and on several lines", async () => {
+    const pty = chat(GREEDY, freshCache()); // the pty is 120 columns wide (COLUMNS)
+    const rows = () => screenOf(pty.out, 120);
+    const last = (n: number) => rows().slice(-n).join("\n");
+    try {
+      await pty.waitFor(/> /);
+      pty.type("hello world");
+      await until("hello world", () => last(1) === "> hello world", pty);
+      pty.type("\x1b[D".repeat(5)); // left x5
+      pty.type("big ");
+      pty.type("\x01>>"); // Ctrl-A: start of line
+      pty.type("\x05!"); // Ctrl-E: end of line
+      await until("the edited line", () => last(1) === "> >>hello big world!", pty);
+      pty.type("\x17"); // Ctrl-W: the word before the cursor
+      await until("Ctrl-W", () => last(1) === "> >>hello big", pty);
+      pty.type("\x15"); // Ctrl-U: the line
+      await until("Ctrl-U", () => last(1) === ">", pty);
+      // a long line wraps; inserting at its start reflows both rows
+      pty.type("x".repeat(150));
+      await until("a wrapped line", () => last(2) === `> ${"x".repeat(118)}\n${"x".repeat(32)}`, pty);
+      pty.type("\x01AB");
+      await until("an insert in a wrapped line", () => last(2) === `> AB${"x".repeat(116)}\n${"x".repeat(34)}`, pty);
+      pty.type("\x1b[3~\x1b[3~\x08"); // Delete twice, then Backspace
+      await until("Delete and Backspace", () => last(2) === `> A${"x".repeat(117)}\n${"x".repeat(31)}`, pty);
+      pty.type("\x05\x15");
+      await until("Ctrl-U", () => last(1) === ">", pty);
+      // a pasted message, edited on its first line: up moves there, End to its end
+      pty.type("\x1b[200~first\rsecond\x1b[201~");
+      await until("the paste", () => last(2) === "> first\n… second", pty);
+      pty.type("\x1b[A\x1b[FZ");
+      await until("the edit", () => last(2) === "> firstZ\n… second", pty);
+      pty.type("\r");
+      await pty.waitFor(/reply cut at 8 tokens[^]*> /);
+      pty.type("/history\r");
+      await until("/history", () => rows().some((r) => r === "    1  firstZ") && rows().some((r) => r === "       second") && last(1) === ">", pty);
+      pty.type("/exit\r");
+      expect(await pty.exited).toBe(0);
     } finally {
       pty.kill();
     }

@@ -158,6 +158,7 @@ export class LineEditor {
       if (this.state === "reading") this.render();
       return;
     }
+    if (key.ctrl && key.name === "c") this.pasting = false; // Ctrl-C always works, also if a paste never ended
     if (this.state === "busy") return this.busyKey(s, key);
     if (this.state !== "reading") return;
     if (this.pasting) {
@@ -231,7 +232,7 @@ export class LineEditor {
 
   /** A key while a reply streams: Ctrl-C stops it; text is kept (unseen) for the next prompt. */
   private busyKey(s: string | undefined, key: Key): void {
-    if (key.ctrl && key.name === "c" && !this.pasting) return this.onInterrupt();
+    if (key.ctrl && key.name === "c") return this.onInterrupt();
     if (this.pasting) return void (this.typeAhead += this.pasted(key.sequence ?? s ?? ""));
     if (key.name === "backspace") this.typeAhead = this.typeAhead.slice(0, this.prevPos(this.typeAhead.length, this.typeAhead));
     else if (key.name === "tab") this.typeAhead += "\t";
@@ -335,7 +336,7 @@ export class LineEditor {
   // drawing: the whole message, redrawn from its first row (it may span several rows)
 
   private render(): void {
-    const cols = Math.max(8, this.output.columns || 80);
+    const cols = Math.max(8, this.output.columns || Number(process.env.COLUMNS) || 80);
     let out = this.rowsAbove > 0 ? `\x1b[${this.rowsAbove}A` : "";
     out += "\r\x1b[J";
     let row = 0;
