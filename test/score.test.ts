@@ -88,6 +88,30 @@ describe("ds3 score: logits that are not finite fail the command, naming the pos
   });
 });
 
+describe("a NaN router bias (finite output, silently different routing before) is refused at load", () => {
+  it("at --tp 1 and --tp 2 the command fails naming the shard and the tensor", async () => {
+    const tensor = "model.layers.2.mlp.gate.e_score_correction_bias";
+    const dir = join(tmp, "nan-bias");
+    cpSync(TINY, dir, { recursive: true });
+    const ix = JSON.parse(readFileSync(join(dir, "model.safetensors.index.json"), "utf8")) as { weight_map: Record<string, string> };
+    const file = join(dir, ix.weight_map[tensor]!);
+    const b = readFileSync(file);
+    const hlen = Number(b.readBigUInt64LE(0));
+    const e = (JSON.parse(b.subarray(8, 8 + hlen).toString("utf8")) as Record<string, { dtype: string; data_offsets: [number, number] }>)[tensor]!;
+    expect(e.dtype).toBe("F32");
+    b.writeFloatLE(NaN, 8 + hlen + e.data_offsets[0] + 4 * 11);
+    writeFileSync(file, b);
+    for (const tp of ["1", "2"]) {
+      const r = await ds3(["score", "--model", dir, "--ids", "1,2,3", "--tp", tp]);
+      expect(r.code, r.stderr).not.toBe(0);
+      // (through worker ranks the message is prefixed with the rank that failed)
+      expect(r.stderr).toMatch(/^ds3: error: /m);
+      expect(r.stderr).toContain(`${file}, tensor "${tensor}": non-finite value NaN at element 11 of 16`);
+      expect(r.stdout).toBe("");
+    }
+  });
+});
+
 describe("load warnings reach a CLI user on stderr", () => {
   it("a config that leaves checkpoint tensors unread warns once, naming them, and still scores", async () => {
     const dir = join(tmp, "no-shared");
