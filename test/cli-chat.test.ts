@@ -190,6 +190,33 @@ describe("chat in a terminal", () => {
     }
   });
 
+  it("a message taller than the terminal is edited in a window that follows the cursor, and sent whole", async () => {
+    const pty = chat(GREEDY, freshCache()); // 120 x 40 (COLUMNS, LINES)
+    const rows = () => screenOf(pty.out, 120, 40);
+    const lines = Array.from({ length: 60 }, (_, i) => `l${i + 1}`);
+    try {
+      await pty.waitFor(/> /);
+      pty.type(`\x1b[200~${lines.join("\r")}\x1b[201~`);
+      await until("the paste", () => rows().at(-1) === "… l60", pty);
+      for (let i = 0; i < 59; i++) pty.type("\x1b[A"); // up to the first line
+      pty.type("\x01X"); // and edit it
+      await until("the edit at the top", () => rows().at(-39) === "> Xl1", pty);
+      expect(rows().slice(-39)).toEqual(["> Xl1", ...lines.slice(1, 39).map((l) => `… ${l}`)]);
+      pty.type("\r");
+      await pty.waitFor(/reply cut at 8 tokens[^]*> /);
+      // on the terminal and in its scrollback: the message once, whole, as sent
+      const all = rows();
+      const at = all.indexOf("> Xl1");
+      expect(at).toBeGreaterThanOrEqual(0);
+      expect(all.slice(at, at + 60)).toEqual(["> Xl1", ...lines.slice(1).map((l) => `… ${l}`)]);
+      expect(all.filter((r) => r === "… l30")).toHaveLength(1);
+      pty.type("/exit\r");
+      expect(await pty.exited).toBe(0);
+    } finally {
+      pty.kill();
+    }
+  });
+
   it("what is typed during a reply is not echoed into it; it starts the next message", async () => {
     const dir = freshCache();
     const pty = chat(["--seed", "3", "--max-tokens", "3000", "--ignore-eos"], dir);

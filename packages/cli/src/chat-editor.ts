@@ -48,6 +48,7 @@ export class LineEditor {
   private buf = "";
   private pos = 0; // cursor, in UTF-16 units of buf
   private rowsAbove = 0; // terminal rows between the first row of the drawing and the cursor
+  private top = 0; // the first row drawn of a message taller than the terminal
   private state: "idle" | "reading" | "busy" | "closed" = "idle";
   private pasting = false;
   private lastWasCR = false; // a pasted "\r\n" is one newline
@@ -112,6 +113,7 @@ export class LineEditor {
     this.pos = this.buf.length;
     this.typeAhead = "";
     this.rowsAbove = 0;
+    this.top = 0;
     this.pasting = false;
     this.state = "reading";
     this.render();
@@ -124,7 +126,7 @@ export class LineEditor {
     this.buf = text;
     this.pos = text.length;
     this.rowsAbove = 0;
-    this.render();
+    this.render(true);
     this.output.write("\r\n");
     [this.buf, this.pos] = [b, p];
   }
@@ -132,7 +134,7 @@ export class LineEditor {
   private finish(r: ReadResult): void {
     if (r.kind === "line" || r.kind === "interrupt") {
       this.pos = this.buf.length;
-      this.render();
+      this.render(r.kind === "line");
       this.output.write("\r\n");
     }
     this.state = "busy";
@@ -335,20 +337,22 @@ export class LineEditor {
   // ------------------------------------------------------------------------------------
   // drawing: the whole message, redrawn from its first row (it may span several rows)
 
-  private render(): void {
+  /**
+   * `full`: the whole message (when it is sent); otherwise a message taller than the terminal
+   * shows the rows around the cursor, so that moving back up to its first row stays on screen.
+   */
+  private render(full = false): void {
     const cols = Math.max(8, this.output.columns || Number(process.env.COLUMNS) || 80);
-    let out = this.rowsAbove > 0 ? `\x1b[${this.rowsAbove}A` : "";
-    out += "\r\x1b[J";
-    let row = 0;
+    const height = Math.max(2, (this.output.rows || Number(process.env.LINES) || 24) - 1);
+    const rows: string[] = [""];
     let col = 0;
     let cur: [number, number] = [0, 0];
     const put = (text: string, w: number) => {
       if (col + w > cols) {
-        out += "\r\n";
-        row++;
+        rows.push("");
         col = 0;
       }
-      out += text;
+      rows[rows.length - 1] += text;
       col += w;
     };
     const prefix = (p: string) => {
@@ -357,11 +361,10 @@ export class LineEditor {
     prefix(this.prompt);
     let i = 0;
     for (const ch of this.buf) {
-      if (i === this.pos) cur = [row, col];
+      if (i === this.pos) cur = [rows.length - 1, col];
       i += ch.length;
       if (ch === "\n") {
-        out += "\r\n";
-        row++;
+        rows.push("");
         col = 0;
         prefix(this.continuation);
         continue;
@@ -373,20 +376,31 @@ export class LineEditor {
       } else if (cp < 0x20 || cp === 0x7f) put(`^${String.fromCharCode(cp === 0x7f ? 63 : cp + 64)}`, 2);
       else put(ch, charWidth(cp));
     }
-    if (this.pos >= this.buf.length) cur = [row, col];
-    // a full last row leaves the terminal's cursor waiting to wrap: make it wrap
-    if (col >= cols) {
-      out += "\r\n";
-      row++;
-      col = 0;
+    if (this.pos >= this.buf.length) cur = [rows.length - 1, col];
+    if (cur[1] >= cols) cur = [cur[0] + 1, 0]; // after a full row: the start of the next
+    // the rows to draw: all of them, or a window that follows the cursor
+    let top = 0;
+    let bottom = rows.length; // exclusive
+    if (!full && rows.length > height) {
+      top = Math.min(Math.max(this.top, cur[0] - height + 1, 0), cur[0], rows.length - height);
+      bottom = top + height;
     }
-    if (cur[1] >= cols) cur = [cur[0] + 1, 0];
-    if (cur[0] !== row || cur[1] !== col) {
-      if (row > cur[0]) out += `\x1b[${row - cur[0]}A`;
+    this.top = top;
+    const shown = rows.slice(top, bottom);
+    let out = this.rowsAbove > 0 ? `\x1b[${this.rowsAbove}A` : "";
+    out += `\r\x1b[J${shown.join("\r\n")}`;
+    // where the terminal's cursor is now: a full last row leaves it waiting to wrap, so wrap it
+    let end: [number, number] = [bottom - 1, bottom === rows.length ? col : cols];
+    if (end[1] >= cols) {
+      out += "\r\n";
+      end = [end[0] + 1, 0];
+    }
+    if (cur[0] !== end[0] || cur[1] !== end[1]) {
+      if (end[0] > cur[0]) out += `\x1b[${end[0] - cur[0]}A`;
       out += "\r";
       if (cur[1] > 0) out += `\x1b[${cur[1]}C`;
     }
-    this.rowsAbove = cur[0];
+    this.rowsAbove = cur[0] - top;
     this.output.write(out);
   }
 }
