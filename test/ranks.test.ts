@@ -7,8 +7,10 @@ import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
-import { Worker } from "node:worker_threads";
+import { BroadcastChannel, Worker } from "node:worker_threads";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+// @ts-expect-error plain ESM helper without types (worker ranks import it by path)
+import { SAMPLE_CHANNEL } from "./helpers/sampling-backend.mjs";
 
 const DIR = fileURLToPath(new URL("./fixtures/tiny-v3/", import.meta.url));
 const BACKEND = "@ds3/backend-cpu";
@@ -226,7 +228,7 @@ describe("RankExecutor at world size 1 (what DS3.load runs at tp 1), and device 
     const ws1 = await rankExecutor(1);
     try {
       expect(ws1.worldSize).toBe(1);
-      expect(ws1.canSampleOnDevice).toBe(false); // the CPU backend has no `sample`
+      expect(ws1.backendSamples).toBe(false); // the CPU backend has no `sample`
       for (const p of g.prompts) {
         const ref = await local.step(seqStep(p.ids));
         const got = await ws1.step(seqStep(p.ids));
@@ -246,7 +248,7 @@ describe("RankExecutor at world size 1 (what DS3.load runs at tp 1), and device 
     }
   });
 
-  it("stepSampled at world size 1 and 2: the engine samples in the workers and gets what host sampling gives", async () => {
+  it("stepSampled at world size 1 and 2, with the backend's `sample` and without: the workers sample what host sampling gives", async () => {
     const reqs = [
       { ids: g.prompts[1]!.ids, sampling: { maxTokens: 10, temperature: 0, ignoreEos: true } },
       { ids: g.prompts[2]!.ids, sampling: { maxTokens: 10, temperature: 0.9, seed: 7, ignoreEos: true } },
@@ -257,38 +259,38 @@ describe("RankExecutor at world size 1 (what DS3.load runs at tp 1), and device 
     expect(ref.stats.deviceSampledSteps).toBe(0);
     // an independent check of the reference: the greedy row is the golden continuation
     expect(ref.outs[0]!.ids).toEqual(g.prompts[1]!.greedy.slice(0, 10));
-    for (const ws of [1, 2]) {
-      const ex = await rankExecutor(ws, { backendPackage: SAMPLING_BACKEND, mtp: false });
-      try {
-        expect(ex.canSampleOnDevice).toBe(true);
-        expect(ex.backendName).toBe("cpu-sampling-test");
-        const got = await runAll(ex, reqs);
-        // every step sampled in the workers: only ids and logprobs crossed back
-        expect(got.stats.deviceSampledSteps).toBe(got.stats.steps);
-        expect(got.stats.steps).toBeGreaterThanOrEqual(10);
-        for (const [i, o] of got.outs.entries()) {
-          expect(o.ids, `ws ${ws}, request ${i}`).toEqual(ref.outs[i]!.ids);
-          expect(o.logprobs.length).toBe(10);
-          for (const [j, lp] of o.logprobs.entries()) expect(Math.abs(lp - ref.outs[i]!.logprobs[j]!)).toBeLessThan(1e-4);
-        }
-      } finally {
-        await ex.close();
-      }
-    }
-  });
-
-  it("a backend without `sample`: stepSampled rejects naming it, and the engine samples on the host", async () => {
-    const ex = await rankExecutor(1, { mtp: false });
+    // calls of the test backend's `sample` op, from any thread
+    let deviceRows = 0;
+    const channel = new BroadcastChannel(SAMPLE_CHANNEL);
+    channel.onmessage = (m) => (deviceRows += (m as MessageEvent<number>).data);
     try {
-      const p = g.prompts[1]!;
-      await expect(ex.stepSampled(seqStep(p.ids, 0, [6]), { params: [{ temperature: 0, topK: 0, topP: 1, minP: 0 }], u: new Float64Array(1), vocabLimit: g.vocab })).rejects.toThrow(
-        "backend cpu cannot sample on the device",
-      );
-      const got = await runAll(ex, [{ ids: p.ids, sampling: { maxTokens: 6, temperature: 0, ignoreEos: true } }]);
-      expect(got.stats.deviceSampledSteps).toBe(0);
-      expect(got.outs[0]!.ids).toEqual(p.greedy.slice(0, 6));
+      for (const [backendPackage, device] of [[SAMPLING_BACKEND, true], [BACKEND, false]] as const)
+        for (const ws of [1, 2]) {
+          const ex = await rankExecutor(ws, { backendPackage, mtp: false });
+          const what = `${device ? "sample op" : "rank 0's RowSampler"}, ws ${ws}`;
+          try {
+            expect(ex.canSampleOnDevice).toBe(true);
+            expect(ex.backendSamples).toBe(device);
+            deviceRows = 0;
+            const got = await runAll(ex, reqs);
+            // every step was sampled in the workers: only ids and logprobs crossed back
+            expect(got.stats.deviceSampledSteps, what).toBe(got.stats.steps);
+            expect(got.stats.steps).toBeGreaterThanOrEqual(10);
+            for (const [i, o] of got.outs.entries()) {
+              expect(o.ids, `${what}, request ${i}`).toEqual(ref.outs[i]!.ids);
+              expect(o.logprobs.length).toBe(10);
+              for (const [j, lp] of o.logprobs.entries()) expect(Math.abs(lp - ref.outs[i]!.logprobs[j]!)).toBeLessThan(1e-4);
+            }
+            await new Promise((r) => setTimeout(r, 50)); // let the last announcements arrive
+            // the device op ran (on every rank alike) exactly when the backend has one
+            if (device) expect(deviceRows, what).toBe(ws * 40);
+            else expect(deviceRows, what).toBe(0);
+          } finally {
+            await ex.close();
+          }
+        }
     } finally {
-      await ex.close();
+      channel.close();
     }
   });
 

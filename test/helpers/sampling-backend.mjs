@@ -2,8 +2,14 @@
 // @ds3/core's own Sampler on the downloaded logits (each row's uniform draw is the one the engine
 // sends). It stands in for a GPU backend's sampler to test the plumbing around it (the engine,
 // RankExecutor, the rank workers); worker ranks import it by path (`entry`), so it is plain ESM.
+// Every call is announced on the BroadcastChannel SAMPLE_CHANNEL (which reaches across threads),
+// so a test can tell this op ran from the executor's own fallback.
 import { cpu } from "@ds3/backend-cpu";
 import { Sampler } from "@ds3/core";
+
+export const SAMPLE_CHANNEL = "ds3-test-device-sample";
+const channel = new BroadcastChannel(SAMPLE_CHANNEL);
+channel.unref();
 
 function wrap(ctx) {
   const sample = (logits, params, u) => {
@@ -18,6 +24,7 @@ function wrap(ctx) {
       ids[r] = res.id;
       logprobs[r] = res.logprob;
     }
+    channel.postMessage(T);
     return { ids, logprobs };
   };
   return new Proxy(ctx, {

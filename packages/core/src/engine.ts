@@ -157,7 +157,10 @@ interface Seq {
   blocks: number[];
   /** chain hashes of the full blocks registered so far */
   hashes: bigint[];
-  sampler: Sampler;
+  /** validated sampling parameters */
+  params: SamplingParams;
+  /** the host sampler, made on first use (steps sampled by the executor never need one) */
+  sampler: Sampler | null;
   rng: Rng;
   maxTokens: number;
   eos: Set<number>;
@@ -235,6 +238,7 @@ export class Engine {
   private closed = false;
   private failure: Error | null = null;
   private counter = 0;
+  private allowedMask: Uint8Array | null = null;
   private stats_ = { specProposed: 0, specAccepted: 0, preemptions: 0, steps: 0, deviceSampledSteps: 0, promptTokens: 0, generatedTokens: 0, requestsFinished: 0 };
   readonly opts: Required<Omit<EngineOptions, "speculative" | "allowedIds" | "eosIds" | "vocabLimit">> &
     Pick<EngineOptions, "speculative" | "allowedIds" | "eosIds" | "vocabLimit">;
@@ -331,7 +335,8 @@ export class Engine {
       computed: 0,
       blocks: [],
       hashes: [],
-      sampler: new Sampler(sp, { size: V, allowed: this.opts.allowedIds }),
+      params: sp,
+      sampler: null,
       rng: new Rng(sp.seed),
       maxTokens,
       eos,
@@ -681,7 +686,7 @@ export class Engine {
             lg = lg.slice();
             seq.processor(seq.tokens.slice(seq.promptLen), lg);
           }
-          s = seq.sampler.sample(lg, { prompt: seq.tokens.slice(0, seq.promptLen), output: seq.tokens.slice(seq.promptLen) }, seq.rng);
+          s = this.samplerOf(seq).sample(lg, { prompt: seq.tokens.slice(0, seq.promptLen), output: seq.tokens.slice(seq.promptLen) }, seq.rng);
         }
         seq.tokens.push(s.id);
         produced.push(s.id);
@@ -754,18 +759,35 @@ export class Engine {
       const { seq, drafts } = plan[i]!;
       const { count, score } = rowsOf[i]!;
       if (count === 0) continue;
-      const sp = seq.sampler.params;
+      const sp = seq.params;
       if (score || drafts.length || count !== 1 || seq.processor || seq.onPromptLogits || sp.logprobs !== undefined) return null;
       if ((sp.repetitionPenalty ?? 1) !== 1 || (sp.frequencyPenalty ?? 0) !== 0 || (sp.presencePenalty ?? 0) !== 0) return null;
       rows.push(seq);
     }
     if (rows.length === 0) return null;
     const params = rows.map((q) => {
-      const sp = q.sampler.params;
+      const sp = q.params;
       return { temperature: sp.temperature ?? 1, topK: sp.topK ?? 0, topP: sp.topP ?? 1, minP: sp.minP ?? 0 };
     });
     const u = Float64Array.from(rows, (q, i) => (params[i]!.temperature < GREEDY_EPS ? 0 : q.rng.next()));
     return { params, u, vocabLimit: this.opts.vocabLimit ?? this.executor.vocabSize };
+  }
+
+  /**
+   * A sequence's host sampler. Made on first use, with the allowed ids from a mask computed once:
+   * making one per request at admission cost O(vocabulary) calls of `allowedIds` and three
+   * vocabulary-sized buffers each, on this thread, for every request of a burst.
+   */
+  private samplerOf(seq: Seq): Sampler {
+    if (seq.sampler) return seq.sampler;
+    const V = this.executor.vocabSize;
+    const allowed = this.opts.allowedIds;
+    let mask = this.allowedMask;
+    if (allowed && !mask) {
+      mask = this.allowedMask = new Uint8Array(V);
+      for (let i = 0; i < V; i++) mask[i] = allowed(i) ? 1 : 0;
+    }
+    return (seq.sampler = new Sampler(seq.params, { size: V, allowed: mask ? (id) => mask[id] === 1 : undefined }));
   }
 
   /** MTP rows for positions [start, start+n) of a sequence: hidden of row i with the token after it. */

@@ -5,6 +5,7 @@ import type { BackendContext, BackendOptions, BackendProvider, DeviceSampling, T
 import { type ModelConfig, parseConfig } from "./config.js";
 import { Transformer } from "./model.js";
 import { Checkpoint } from "./safetensors.js";
+import { type Rng, Sampler } from "./sampling.js";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 
@@ -48,6 +49,44 @@ export interface StepSampling {
   /** ids at or past this are never sampled (the tokenizer's vocabulary ends there) */
   vocabLimit: number;
 }
+
+/**
+ * Samples logit rows on the host with the given uniform draws, exactly as the engine's Sampler
+ * samples them (same code, same draw): what a backend's `sample` op does on a device, for
+ * executors whose backend has none. RankExecutor's rank 0 runs it in its worker, so neither the
+ * full logits nor the sampling work reach the engine's thread.
+ */
+export class RowSampler {
+  private readonly samplers = new Map<string, Sampler>();
+
+  sample(logits: Float32Array, vocabSize: number, s: StepSampling): { ids: Int32Array; logprobs: Float32Array } {
+    const rows = s.params.length;
+    const lim = s.vocabLimit;
+    if (!(Number.isInteger(lim) && lim > 0 && lim <= vocabSize)) throw new RangeError(`vocabLimit ${lim} outside [1, ${vocabSize}]`);
+    if (logits.length !== rows * vocabSize) throw new RangeError(`${logits.length} logits are not ${rows} rows of ${vocabSize}`);
+    if (s.u.length < rows) throw new RangeError(`${s.u.length} draws for ${rows} rows`);
+    const ids = new Int32Array(rows);
+    const logprobs = new Float32Array(rows);
+    for (let r = 0; r < rows; r++) {
+      const q = s.params[r]!;
+      const key = `${lim} ${q.temperature} ${q.topK} ${q.topP} ${q.minP}`;
+      let sampler = this.samplers.get(key);
+      if (!sampler) {
+        // a sampler holds vocabulary-sized buffers: keep the few parameter sets in use
+        if (this.samplers.size >= 32) this.samplers.delete(this.samplers.keys().next().value!);
+        sampler = new Sampler({ temperature: q.temperature, topK: q.topK, topP: q.topP, minP: q.minP }, { size: lim });
+        this.samplers.set(key, sampler);
+      }
+      const u = s.u[r]!;
+      const res = sampler.sample(logits.subarray(r * vocabSize, r * vocabSize + lim), NO_HISTORY, { next: () => u } as Rng);
+      ids[r] = res.id;
+      logprobs[r] = res.logprob;
+    }
+    return { ids, logprobs };
+  }
+}
+
+const NO_HISTORY = { prompt: [], output: [] };
 
 export interface Executor {
   readonly config: ModelConfig;

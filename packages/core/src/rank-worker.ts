@@ -7,7 +7,7 @@
 // failed (the cause) from ranks whose collective was aborted because of it (the consequences).
 import { move, transferableSymbol, valueSymbol } from "piscina";
 import type { BackendContext, BackendProvider, Tensor } from "./backend.js";
-import { loadConfig } from "./executor.js";
+import { loadConfig, RowSampler } from "./executor.js";
 import { Transformer } from "./model.js";
 import { CollectiveAbortedError, type FaultInjection, type RankInit, type RankReply, type RankTask, SharedCollective } from "./ranks.js";
 import { Checkpoint } from "./safetensors.js";
@@ -19,6 +19,8 @@ interface RankState {
   coll: SharedCollective | null;
   last: Tensor | null;
   fault?: FaultInjection;
+  /** rank 0 of a backend without `sample`: samples the downloaded logits here */
+  rowSampler: RowSampler | null;
 }
 
 let st: RankState | null = null;
@@ -71,7 +73,7 @@ async function init(t: RankInit): Promise<RankReply> {
     ctx.dispose();
     throw e;
   }
-  st = { rank: t.rank, ctx, model, coll, last: null, fault: t.fault?.rank === t.rank ? t.fault : undefined };
+  st = { rank: t.rank, ctx, model, coll, last: null, fault: t.fault?.rank === t.rank ? t.fault : undefined, rowSampler: t.rank === 0 && !ctx.sample ? new RowSampler() : null };
   return { ok: true, data: null, info: { backendName: ctx.name, hasMtp: model.mtp !== null, device: ctx.device, canSample: typeof ctx.sample === "function" } };
 }
 
@@ -98,14 +100,20 @@ export default async function rank(t: RankTask): Promise<RankReply> {
         return ok(s.rank === 0 ? r.logits : null);
       }
       case "stepSampled": {
-        // every rank runs the same ops (the collectives line up); each samples alike, rank 0 answers
+        // every rank runs the same ops (the collectives line up) and rank 0 answers with the ids:
+        // sampled on the device by backends with `sample` (every rank alike), else by rank 0 here
         const s = state();
         if (s.fault && s.fault.atStep === t.step) injectFault(s.fault, t.step);
         s.ctx.beginStep();
         s.last = null;
-        const r = s.model.forwardSampled(t.input.ids, t.input, t.input.logitRows, t.sampling);
+        if (s.ctx.sample) {
+          const r = s.model.forwardSampled(t.input.ids, t.input, t.input.logitRows, t.sampling);
+          s.last = r.hidden;
+          return ok(null, s.rank === 0 ? { ids: r.ids, logprobs: r.logprobs } : undefined);
+        }
+        const r = s.model.forward(t.input.ids, t.input, t.input.logitRows);
         s.last = r.hidden;
-        return ok(null, s.rank === 0 ? { ids: r.ids, logprobs: r.logprobs } : undefined);
+        return ok(null, s.rowSampler?.sample(r.logits, s.model.cfg.vocabSize, t.sampling));
       }
       case "mtp": {
         const s = state();

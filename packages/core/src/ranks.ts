@@ -406,8 +406,8 @@ export class RankExecutor implements Executor {
     readonly backendName: string,
     readonly hasMtp: boolean,
     readonly device: string,
-    /** whether `stepSampled` samples on the device (every rank's backend has `sample`) */
-    readonly canSampleOnDevice: boolean,
+    /** whether the ranks' backends sample on the device (`sample`); else rank 0 samples in its worker (RowSampler) */
+    readonly backendSamples: boolean,
     private readonly pools: Piscina<RankTask, RankReply>[],
     private readonly coll: CollectiveBuffers | null,
     private readonly stepTimeoutMs: number,
@@ -493,13 +493,21 @@ export class RankExecutor implements Executor {
     return this.broken;
   }
 
+  /**
+   * Always: the ranks sample (`stepSampled`), on the device where the backend has `sample`, else
+   * rank 0 in its worker with the engine's own sampler code (RowSampler). Either way only ids and
+   * logprobs come back, and the sampling work stays off the engine's thread.
+   */
+  get canSampleOnDevice(): boolean {
+    return true;
+  }
+
   step(input: StepInput): Promise<Float32Array> {
     return this.serial(() => this.everyRank("step", (step) => ({ kind: "step", step, input }))).then((r) => r.data ?? new Float32Array(0));
   }
 
-  /** `step`, with the logit rows sampled on the device by every rank alike (rank 0's ids come back). */
+  /** `step`, with the logit rows sampled by the ranks (see canSampleOnDevice); rank 0's ids come back. */
   stepSampled(input: StepInput, sampling: StepSampling): Promise<{ ids: Int32Array; logprobs: Float32Array }> {
-    if (!this.canSampleOnDevice) return Promise.reject(new Error(`backend ${this.backendName} cannot sample on the device`));
     return this.serial(() => this.everyRank("step", (step) => ({ kind: "stepSampled", step, input, sampling }))).then((r) => {
       if (!r.sampled) throw new Error("RankExecutor: rank 0 sent no sampled ids");
       return r.sampled;
