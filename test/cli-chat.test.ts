@@ -163,6 +163,10 @@ describe("chat in a terminal", () => {
       await until("the edited line", () => last(1) === "> >>hello big world!", pty);
       pty.type("\x17"); // Ctrl-W: the word before the cursor
       await until("Ctrl-W", () => last(1) === "> >>hello big", pty);
+      pty.type("\x1b[1;5D\x1bb<"); // Ctrl-Left, Alt-B: a word back each
+      await until("word moves", () => last(1) === "> <>>hello big", pty);
+      pty.type("\x1b[1;5C\x0b"); // Ctrl-Right, Ctrl-K: the rest of the line
+      await until("Ctrl-K", () => last(1) === "> <>>hello", pty);
       pty.type("\x15"); // Ctrl-U: the line
       await until("Ctrl-U", () => last(1) === ">", pty);
       // a long line wraps; inserting at its start reflows both rows

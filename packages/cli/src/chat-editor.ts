@@ -8,7 +8,10 @@
 //   (text and pastes; Enter is ignored, so nothing is sent unseen) becomes the start of the
 //   next prompt. Ctrl-C then stops the reply (`onInterrupt`).
 // - Up/down recall the input history (on the first/last line of a multi-line message; elsewhere
-//   they move between its lines); left/right, Home/End, Ctrl-A/E/B/F/U/K/W/L/D as in readline.
+//   they move between its lines); left/right, Home/End, Ctrl-left/right, Alt-B/F and
+//   Ctrl-A/E/B/F/U/K/W/L/D as in readline; Ctrl-Z suspends.
+// - A message taller than the terminal is edited in a window of rows that follows the cursor
+//   (a redraw never has to reach above the screen's top) and drawn whole when it is sent.
 import { emitKeypressEvents } from "node:readline";
 import type { ReadStream, WriteStream } from "node:tty";
 
@@ -170,7 +173,10 @@ export class LineEditor {
     const c = key.ctrl && !key.meta ? key.name : undefined;
     if (c === "c") return this.finish({ kind: "interrupt" });
     if (c === "d") {
-      if (this.buf === "") return this.finish({ kind: "eof" });
+      if (this.buf === "") {
+        this.output.write("\r\n");
+        return this.finish({ kind: "eof" });
+      }
       return this.edit(() => this.deleteForward());
     }
     if (c === "z") return this.suspend();
@@ -193,6 +199,10 @@ export class LineEditor {
       case "right":
       case "C-f":
         return this.move(this.nextPos(this.pos));
+      case "C-left":
+        return this.move(this.wordLeft(lineStart));
+      case "C-right":
+        return this.move(this.wordRight(lineEnd));
       case "home":
       case "C-a":
         return this.move(lineStart);
@@ -207,9 +217,7 @@ export class LineEditor {
       case "C-k":
         return this.edit(() => (this.buf = this.buf.slice(0, this.pos) + this.buf.slice(lineEnd)));
       case "C-w": {
-        let i = this.pos;
-        while (i > lineStart && /\s/.test(this.buf[i - 1]!)) i--;
-        while (i > lineStart && !/\s/.test(this.buf[i - 1]!)) i--;
+        const i = this.wordLeft(lineStart);
         return this.edit(() => {
           this.buf = this.buf.slice(0, i) + this.buf.slice(this.pos);
           this.pos = i;
@@ -228,6 +236,8 @@ export class LineEditor {
         if (lineEnd < this.buf.length) return this.move(this.lineMove(1));
         return this.recall(1);
     }
+    if (key.meta && key.name === "b") return this.move(this.wordLeft(lineStart));
+    if (key.meta && key.name === "f") return this.move(this.wordRight(lineEnd));
     if (key.name === "tab" && !c) return this.edit(() => this.insert("\t"));
     if (s && !key.ctrl && !key.meta && !/[\x00-\x1f\x7f]/.test(s)) this.edit(() => this.insert(s));
   }
@@ -283,6 +293,20 @@ export class LineEditor {
     if (p >= this.buf.length) return this.buf.length;
     const hi = this.buf.charCodeAt(p);
     return hi >= 0xd800 && hi <= 0xdbff && p + 1 < this.buf.length ? p + 2 : p + 1;
+  }
+
+  private wordLeft(lineStart: number): number {
+    let i = this.pos;
+    while (i > lineStart && /\s/.test(this.buf[i - 1]!)) i--;
+    while (i > lineStart && !/\s/.test(this.buf[i - 1]!)) i--;
+    return i;
+  }
+
+  private wordRight(lineEnd: number): number {
+    let i = this.pos;
+    while (i < lineEnd && /\s/.test(this.buf[i]!)) i++;
+    while (i < lineEnd && !/\s/.test(this.buf[i]!)) i++;
+    return i;
   }
 
   /** The position one line up (-1) or down (1), at the same column where that line is long enough. */
