@@ -630,6 +630,17 @@ describe("WeightLoader: missing tensors, wrong shapes and wrong scales are named
     }
   });
 
+  it("a 1-D vector (router bias) of a non-float dtype is named with its file", () => {
+    const d = tmp();
+    writeST(join(d, "model.safetensors"), [{ name: "b.bias", dtype: "I32", shape: [4], data: new Uint8Array(16) }]);
+    const ck = Checkpoint.open(d);
+    try {
+      expectCkError(() => new WeightLoader(ck, { rank: 0, worldSize: 1 }).vector("b.bias", 4), /dtype I32 cannot be a float vector/, { file: join(d, "model.safetensors"), tensor: "b.bias" });
+    } finally {
+      ck.close();
+    }
+  });
+
   it("an FP8 weight with no scale, a scale of a bad dtype, a weight of a non-float dtype", () => {
     const d = tmp();
     writeST(join(d, "model.safetensors"), [

@@ -96,6 +96,7 @@ export class WeightLoader implements WeightSource {
   vector(name: string, n: number): Float32Array {
     const ti = this.ck.info(name);
     if (ti.shape.length !== 1 || ti.shape[0] !== n) throw new CheckpointError(`shape [${ti.shape.join(", ")}] disagrees with the config, which needs [${n}]`, ti.file, name);
+    if (ti.dtype !== "F32" && ti.dtype !== "BF16") throw new CheckpointError(`dtype ${ti.dtype} cannot be a float vector (F32 or BF16)`, ti.file, name);
     const v = toF32(this.ck.read(name));
     checkFinite(v, ti.dtype, ti.file, name); // a NaN router bias changes routing with finite output
     return v;
