@@ -74,7 +74,12 @@ async function generated(message: string, maxTokens: number): Promise<string> {
 const GREEDY = ["--temperature", "0", "--max-tokens", "8", "--ignore-eos"];
 const CUT = "ds3: (reply cut at 8 tokens)";
 
+let tok: Tokenizer; // DeepSeek-V3's, as the built-in model has it
+/** Prompt ids of a conversation, rendered by the reference chat template. */
+const render = (m: ChatMessage[]) => tok.encode(tok.applyChatTemplate(m, { addGenerationPrompt: true }), { addSpecial: false });
+
 beforeAll(async () => {
+  tok = await Tokenizer.load();
   if (!existsSync(BIN)) throw new Error(`${BIN} is missing: build the CLI first (pnpm build)`);
   tmp = mkdtempSync(join(tmpdir(), "ds3-chat-"));
   cache = join(tmp, "cache");
@@ -429,13 +434,35 @@ describe("chat with stdin not a terminal", () => {
   });
 
   it("a full context drops the oldest exchanges with a one-line notice, the system prompt kept", async () => {
+    const system = "Be brief.";
     const lines = Array.from({ length: 6 }, (_, i) => `message number ${i + 1} of the conversation`);
-    const r = ok(await ds3(["chat", "--max-model-len", "96", "--max-tokens", "16", "--ignore-eos", "--temperature", "0", "--system", "Be brief."], { input: `${lines.join("\n")}\n` }));
-    expect(count(r.stderr, "ds3: (reply cut at 16 tokens)")).toBe(6); // every message answered in full
+    // replies end at a newline (a stop string, never printed): stdout is then one reply per line
+    const args = ["--max-model-len", "96", "--max-tokens", "16", "--ignore-eos", "--temperature", "0", "--stop", "\n"];
+    const r = ok(await ds3(["chat", ...args, "--system", system], { input: `${lines.join("\n")}\n` }));
     expect(r.stderr).not.toMatch(/error/);
+    const replies = r.stdout.split("\n").slice(0, -1);
+    expect(replies).toHaveLength(6); // every message answered
     const notices = r.stderr.split("\n").filter((l) => /context full/.test(l));
-    expect(notices.length).toBeGreaterThan(0);
-    for (const n of notices) expect(n).toMatch(/^ds3: context full: dropped the oldest (exchange|\d+ exchanges) to fit the 96-token context \(--max-model-len\); the system prompt is kept$/);
+    // the same conversation replayed with the reference template: which exchanges fit in 96 - 16 tokens
+    let kept: ChatMessage[] = [];
+    const shifts: Array<{ turn: number; dropped: number; ids: number[] }> = [];
+    lines.forEach((line, turn) => {
+      let turns: ChatMessage[] = [...kept, { role: "user", content: line }];
+      let dropped = 0;
+      while (render([{ role: "system", content: system }, ...turns]).length + 16 > 96) {
+        turns = turns.slice(2);
+        dropped++;
+      }
+      if (dropped) shifts.push({ turn, dropped, ids: render([{ role: "system", content: system }, ...turns]) });
+      kept = [...turns, { role: "assistant", content: replies[turn]! }];
+    });
+    expect(shifts.length).toBeGreaterThan(0);
+    expect(notices).toEqual(shifts.map((x) => `ds3: context full: dropped the oldest ${x.dropped === 1 ? "exchange" : `${x.dropped} exchanges`} to fit the 96-token context (--max-model-len); the system prompt is kept`));
+    // each reply after a shift is generate's greedy reply to that prompt: system prompt first, then the newest exchanges
+    for (const x of shifts) {
+      const g = ok(await ds3(["generate", "--prompt-ids", x.ids.join(","), ...args, "--json"]));
+      expect(JSON.parse(g.stdout).text, `turn ${x.turn + 1}`).toBe(replies[x.turn]);
+    }
     // a message that cannot fit at all is refused with the reason; the chat goes on
     const long = ok(await ds3(["chat", "--max-model-len", "64", "--max-tokens", "8", "--ignore-eos", "--temperature", "0"], { input: `${"word ".repeat(100)}\nshort\n` }));
     expect(long.stderr).toMatch(/error: the message is too long: with the chat template it is \d+ tokens, and the context holds 64 \(--max-model-len\)/);
@@ -444,12 +471,6 @@ describe("chat with stdin not a terminal", () => {
 });
 
 describe("fitting the conversation into the context", () => {
-  let tok: Tokenizer;
-  const render = (m: ChatMessage[]) => tok.encode(tok.applyChatTemplate(m, { addGenerationPrompt: true }), { addSpecial: false });
-  beforeAll(async () => {
-    tok = await Tokenizer.load();
-  });
-
   it("drops whole exchanges, oldest first, just as many as needed; keeps the system prompt and the new message", () => {
     const conv: ChatMessage[] = [{ role: "system", content: "You are a careful assistant." }];
     for (let i = 0; i < 6; i++) conv.push({ role: "user", content: `question ${i}: what is ${i} times ${i}?` }, { role: "assistant", content: `It is ${i * i}, as ${i} x ${i} = ${i * i}.` });
