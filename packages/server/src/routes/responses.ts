@@ -68,6 +68,14 @@ function usageOf(ctx: ServerContext, outcome: ChatOutcome, choice: ChatChoice | 
   };
 }
 
+/** The pipeline names chat fields; this route's clients sent input and max_output_tokens. */
+function renamed(e: unknown): unknown {
+  if (!(e instanceof ApiError) || (e.param !== "max_tokens" && e.param !== "messages")) return e;
+  const to = e.param === "max_tokens" ? "max_output_tokens" : "input";
+  const message = e.message.replace(e.param === "max_tokens" ? /\bmax_tokens\b/g : /^messages\b/, to);
+  return new ApiError(e.status, message, to, e.code, e.type, e.headers);
+}
+
 async function responses(ctx: ServerContext, x: Exchange, body: Record<string, unknown>): Promise<void> {
   const recent = recentItems(ctx);
   const r = parseResponsesRequest(body, recent);
@@ -131,7 +139,7 @@ async function responses(ctx: ServerContext, x: Exchange, body: Record<string, u
       },
     });
   } catch (e) {
-    if (!out) throw e;
+    if (!out) throw renamed(e);
     // mid-stream: an error event and response.failed, then the end
     const err = e instanceof ApiError ? e : new ApiError(500, `internal error: ${(e as Error)?.message ?? String(e)}`, null, "internal_error");
     if (err.status >= 500) ctx.log(`error: ${err.message}`);
