@@ -1,20 +1,21 @@
 // CPU backend throughput on a DeepSeek-V3-architecture model of issue 16's shape (a benchmark that
 // reports; nothing is asserted). The model is made by the built-in generator with a shape option
 // (random FP8 weights, ~1.2 GB, generated once into the ds3 cache directory, never committed).
-//   node bench/cpu.mjs [--model DIR] [--threads N] [--steps 128] [--prompt 512] [--tag NAME]
+//   node bench/cpu.mjs [--model DIR] [--threads N] [--steps 128] [--prompt 512] [--tag NAME] [--backend MODULE]
+// (--backend: another build of @ds3/backend-cpu, e.g. an older one, to compare on the same run conditions)
 // Figures: prefill of one 512-token prompt; greedy-shaped decode steps at batch 1 (context 512)
 // and batch 8 (8 sequences sharing the 512-token prefix, each decoding its own tokens); the
 // machine's streaming-read bandwidth measured in the same run, and each figure's fraction of the
 // memory roofline (bytes a step must read / bandwidth). Load average is recorded with each figure.
-import { availableIsas, cpu, readBandwidth } from "@ds3/backend-cpu";
 import { LocalExecutor, ensureBuiltinModel } from "@ds3/core";
 import { availableParallelism, cpus, loadavg } from "node:os";
 import { parseArgs } from "node:util";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
 
 const { values } = parseArgs({
-  options: { model: { type: "string" }, threads: { type: "string" }, steps: { type: "string" }, prompt: { type: "string" }, tag: { type: "string" } },
+  options: { backend: { type: "string" }, model: { type: "string" }, threads: { type: "string" }, steps: { type: "string" }, prompt: { type: "string" }, tag: { type: "string" } },
 });
 /** issue 16's shape: 6 layers (1 dense + 5 MoE), hidden 2048, 16 heads, 64 experts of 512, top-6, vocab 16,384 */
 export const SHAPE = {
@@ -22,6 +23,7 @@ export const SHAPE = {
   num_attention_heads: 16, n_shared_experts: 1, n_routed_experts: 64, kv_lora_rank: 512, q_lora_rank: 512, qk_rope_head_dim: 64,
   v_head_dim: 128, qk_nope_head_dim: 128, n_group: 8, topk_group: 3, num_experts_per_tok: 6, first_k_dense_replace: 1,
 };
+const { availableIsas, cpu, readBandwidth } = await import(values.backend ? pathToFileURL(resolve(values.backend)).href : "@ds3/backend-cpu");
 const threads = Number(values.threads ?? availableParallelism());
 const steps = Number(values.steps ?? 128);
 const P = Number(values.prompt ?? 512);
@@ -66,12 +68,19 @@ const results = {
 // prefill: the first run warms up (page-ins, caches), the second is measured
 await ex.step(prefillStep());
 let t = now();
+let cpu0 = process.cpuUsage();
 const l0 = load();
 await ex.step(prefillStep());
 let sec = (now() - t) / 1000;
+// cpu_utilization: this process's CPU time / (wall time x threads); below 1 on a machine shared with
+// other work. tok_s_cpu_bound: the figure if every thread had run all the time (CPU time, not wall)
 const fig = (name, tokS, bytesPerSec) => {
   const roofline = bandwidth[0] / bytesPerSec;
-  results.figures[name] = { tok_s: Number(tokS.toFixed(2)), roofline_tok_s: Number((roofline * tokS).toFixed(2)), roofline_fraction: Number((1 / roofline).toFixed(4)), loadavg: load() };
+  const c = process.cpuUsage(cpu0), cpuSec = (c.user + c.system) / 1e6, util = cpuSec / (sec * threads);
+  results.figures[name] = {
+    tok_s: Number(tokS.toFixed(2)), roofline_tok_s: Number((roofline * tokS).toFixed(2)), roofline_fraction: Number((1 / roofline).toFixed(4)),
+    cpu_utilization: Number(util.toFixed(3)), tok_s_cpu_bound: Number((tokS / Math.min(1, util)).toFixed(2)), loadavg: load(),
+  };
   console.error(name, results.figures[name]);
 };
 fig(`prefill_${P}`, P / sec, (fixedBytes + moeLayers * E * expert) / sec);
@@ -90,6 +99,7 @@ for (const B of [1, 8]) {
   };
   await run(2);
   t = now();
+  cpu0 = process.cpuUsage();
   await run(steps);
   sec = (now() - t) / 1000;
   fig(`decode_b${B}_ctx${P}`, (B * steps) / sec, (stepBytes(B, P + steps / 2) * steps) / sec);

@@ -52,6 +52,12 @@ float round_bf16(float f) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+// software prefetch this far ahead in each of a register tile's weight rows (its 4 streams are
+// short: one row each); measured on Zen 5 under load: ~15-30% more bytes per CPU-second at batch 1
+constexpr int64_t PF_BYTES = 512;
+inline void prefetch_rows(const void* const* wp, int64_t byte_off) {
+  for (int j = 0; j < 4; j++) __builtin_prefetch(static_cast<const char*>(wp[j]) + byte_off + PF_BYTES);
+}
 const float TWO_120 = 1.329227995784916e36f;  // 2^120
 
 // ---- decode: weight rows -> fp32 ------------------------------------------------------
@@ -124,6 +130,19 @@ inline void tile(const float* const* xs, const float* const* ws, int64_t K, floa
     }
 }
 
+// f(integral_constant<nt>) for 1 <= nt <= TB: a register tile exactly as wide as the token group
+template <int N>
+struct IC {
+  static constexpr int value = N;
+};
+template <int N = 1, typename F>
+inline void by_tokens(int64_t nt, F&& f) {
+  if constexpr (N < TB) {
+    if (nt > N) return by_tokens<N + 1>(nt, f);
+  }
+  f(IC<N>{});
+}
+
 void gemm(const float* x, int64_t ldx, int64_t T, const float* w, int64_t ldw, int64_t nr, int64_t K, float* y, int64_t ldy, bool bf16) {
   for (int64_t t0 = 0; t0 < T; t0 += TB) {
     const int64_t nt = min64(TB, T - t0);
@@ -134,8 +153,7 @@ void gemm(const float* x, int64_t ldx, int64_t T, const float* w, int64_t ldw, i
       const float* ws[4];
       for (int j = 0; j < 4; j++) ws[j] = w + (r0 + min64(j, n - 1)) * ldw;  // and short quads their last row
       float out[4][TB];
-      if (nt == 1) tile<1>(xs, ws, K, out);
-      else tile<TB>(xs, ws, K, out);
+      by_tokens(nt, [&](auto n_) { tile<decltype(n_)::value>(xs, ws, K, out); });
       for (int64_t t = 0; t < nt; t++)
         for (int64_t j = 0; j < n; j++) {
           float v = out[j][t];
@@ -167,6 +185,7 @@ inline void tile_fp8(const float* const* xs, const uint8_t* const* wp, const flo
     const typename V::R s0 = V::set1(srow[0][blk] * TWO_120), s1 = V::set1(srow[1][blk] * TWO_120), s2 = V::set1(srow[2][blk] * TWO_120),
                         s3 = V::set1(srow[3][blk] * TWO_120);
     for (; k < vend; k += V::L) {
+      if ((k & 63) == 0) prefetch_rows(reinterpret_cast<const void* const*>(wp), k);
       const typename V::R w0 = V::mul(V::fp8(wp[0] + k), s0), w1 = V::mul(V::fp8(wp[1] + k), s1), w2 = V::mul(V::fp8(wp[2] + k), s2),
                           w3 = V::mul(V::fp8(wp[3] + k), s3);
       for (int t = 0; t < NT; t++) {
@@ -193,6 +212,7 @@ inline void tile_bf16(const float* const* xs, const uint16_t* const* wp, int64_t
     for (int t = 0; t < NT; t++) acc[r][t] = V::zero();
   int64_t k = 0;
   for (; k + V::L <= K; k += V::L) {
+    if ((k & 31) == 0) prefetch_rows(reinterpret_cast<const void* const*>(wp), 2 * k);
     const typename V::R w0 = V::bf16(wp[0] + k), w1 = V::bf16(wp[1] + k), w2 = V::bf16(wp[2] + k), w3 = V::bf16(wp[3] + k);
     for (int t = 0; t < NT; t++) {
       const typename V::R xv = V::load(xs[t] + k);
@@ -227,13 +247,11 @@ bool linear_fused(const float* x, int64_t ldx, int64_t T, const ds3::WView& w, i
         wp[j] = w.data + r * K;
         sr[j] = w.scale + ((r + w.orow) / 128) * w.scols;
       }
-      if (T == 1) tile_fp8<1>(xs, wp, sr, w.ocol, K, out);
-      else tile_fp8<TB>(xs, wp, sr, w.ocol, K, out);
+      by_tokens(T, [&](auto n_) { tile_fp8<decltype(n_)::value>(xs, wp, sr, w.ocol, K, out); });
     } else {
       const uint16_t* wp[4];
       for (int j = 0; j < 4; j++) wp[j] = reinterpret_cast<const uint16_t*>(w.data) + (q + min64(j, n - 1)) * K;
-      if (T == 1) tile_bf16<1>(xs, wp, K, out);
-      else tile_bf16<TB>(xs, wp, K, out);
+      by_tokens(T, [&](auto n_) { tile_bf16<decltype(n_)::value>(xs, wp, K, out); });
     }
     for (int64_t t = 0; t < T; t++)
       for (int64_t j = 0; j < n; j++) {
