@@ -12,7 +12,7 @@
 // carries only the server. It ends when the streams do (or after 10 minutes).
 // --executor picks DS3.load's executor ("worker", the default, or "thread").
 import { request, Agent } from "node:http";
-import { availableParallelism, cpus } from "node:os";
+import { availableParallelism, cpus, loadavg } from "node:os";
 import { monitorEventLoopDelay } from "node:perf_hooks";
 import { parseArgs } from "node:util";
 import { fileURLToPath } from "node:url";
@@ -105,9 +105,11 @@ function streamRequest({ port, V, promptLen, maxTokens }, agent, i) {
 
 const results = {
   machine: `${cpus()[0]?.model} x${availableParallelism()}`,
+  // other work on the machine when the bench started (1-minute load average)
+  load_average: +loadavg()[0].toFixed(2),
   model: ds3.modelName,
   backend: "cpu",
-  executor: ds3.executor.constructor.name,
+  executor: values.executor ?? "default (worker at tp 1)",
   prompt_tokens: promptLen,
   max_tokens: maxTokens,
   rounds: [],
