@@ -189,7 +189,7 @@ function plan(spec: GrammarSpec): Plan {
 }
 
 /** DeepSeek-V3's tool-call section as a structural tag (after <｜tool▁calls▁begin｜> under `auto`). */
-function toolTag(spec: Extract<GrammarSpec, { type: "tool_calls" }>): string {
+function toolTag(spec: Extract<GrammarSpec, { type: "tool_calls" }>, layout?: Map<string, string>): string {
   if (!Array.isArray(spec.tools) || spec.tools.length === 0) throw new GrammarError("tool_calls: no tools given");
   let tools = spec.tools;
   if (isObject(spec.choice)) {
@@ -203,7 +203,10 @@ function toolTag(spec: Extract<GrammarSpec, { type: "tool_calls" }>): string {
     return {
       type: "tag",
       begin: `function${ALIAS.sep}${t.name}\n\`\`\`json\n`,
-      content: { type: "json_schema", json_schema: t.parameters ?? { type: "object", properties: {} } },
+      // arguments laid out as json_schema output is (EBNF from the checker), else any whitespace
+      content: layout?.has(t.name)
+        ? { type: "grammar", grammar: layout.get(t.name)! }
+        : { type: "json_schema", json_schema: t.parameters ?? { type: "object", properties: {} } },
       end: `\n\`\`\`${ALIAS.callEnd}`,
     };
   });
@@ -300,9 +303,28 @@ export function createGrammars(table: TokenTable, eosIds?: readonly number[]): G
     }
   }
 
+  /** Each tool's arguments as EBNF with json_schema's layout (a noisy model cannot idle in whitespace). */
+  async function toolLayout(spec: Extract<GrammarSpec, { type: "tool_calls" }>): Promise<Map<string, string>> {
+    const xg = await getChecker();
+    const out = new Map<string, string>();
+    for (const t of spec.tools) {
+      xg.lastError.length = 0;
+      try {
+        const g = await xg.api.Grammar.fromJSONSchema(JSON.stringify(t.parameters ?? { type: "object", properties: {} }), JSON_ANY_WHITESPACE, -1, undefined, true);
+        out.set(t.name, g.toString());
+        g.dispose();
+      } catch (e) {
+        checker = null;
+        throw new GrammarError(`tool_calls: the parameters of '${t.name}': ${engineMessage(xg, e)}`);
+      }
+    }
+    return out;
+  }
+
   async function build(spec: GrammarSpec): Promise<CompiledGrammar> {
-    const p = plan(spec);
+    let p = plan(spec);
     if (spec.type === "tool_calls" && !hasMarkers) throw new GrammarError("tool_calls: this model's vocabulary has no DeepSeek-V3 tool-call tokens");
+    if (spec.type === "tool_calls") p = { ...p, kind: "tag", tag: toolTag(spec, await toolLayout(spec)) };
     await check(p, spec.type);
     const m = await getMain();
     const { xg } = m;
