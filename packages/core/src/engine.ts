@@ -1,7 +1,7 @@
 // The engine: continuous batching over a paged MLA latent cache, chunked prefill, prefix
 // caching, preemption by recompute, abort, and speculative decoding (MTP or any drafter).
-// It runs on the main thread and drives an Executor (one rank here, or N ranks in workers)
-// with one step description per step.
+// It runs on the caller's thread and drives an Executor (one rank in a worker or in this thread,
+// or N ranks in workers) with one step description per step.
 import type { Executor, StepInput, StepSampling } from "./executor.js";
 import { GREEDY_EPS, Rng, Sampler, type SampleResult, type SamplingParams, validateSampling } from "./sampling.js";
 
@@ -203,7 +203,7 @@ export interface EngineOptions {
    * logprobs or logits processors are sampled on the device by backends that can (only ids cross back).
    */
   vocabLimit?: number;
-  /** sample on the device when the backend can (default true) */
+  /** let the executor sample plain steps when it can: on the device, or in its rank worker (default true) */
   deviceSampling?: boolean;
   eosIds?: number[];
 }
@@ -222,7 +222,7 @@ export interface EngineStats {
   specAcceptance: number;
   preemptions: number;
   steps: number;
-  /** steps whose tokens were sampled on the device */
+  /** steps whose tokens the executor sampled (on the device, or in its rank worker): only ids came back */
   deviceSampledSteps: number;
   promptTokens: number;
   generatedTokens: number;
