@@ -22,4 +22,7 @@ export const routes: readonly Route[] = [
   completionsRoute,
   responsesRoute,
   messagesRoute,
+  tokenizeRoute,
+  detokenizeRoute,
+  versionRoute,
 ];
