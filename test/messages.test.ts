@@ -251,6 +251,33 @@ describe("/v1/messages on the built-in model", () => {
     expect((await client.messages.create({ model: model(), max_tokens: 1, messages: [{ role: "user", content: "hi" }] })).type).toBe("message");
   });
 
+  it("shutdown mid-stream ends the stream with Anthropic's error event, never message_stop", async () => {
+    const other = createServer({ ds3, apiKeys: [KEY] });
+    const url = (await other.listen(0, "127.0.0.1")).url;
+    const res = await fetch(`${url}/v1/messages`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "x-api-key": KEY },
+      body: JSON.stringify({ model: model(), max_tokens: 4000, temperature: 1, stream: true, messages: [{ role: "user", content: "Talk." }] }),
+    });
+    const reader = res.body!.getReader();
+    let text = "";
+    let closing: Promise<void> | null = null;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      text += new TextDecoder().decode(value);
+      if (!closing && text.includes("text_delta")) closing = other.close({ graceMs: 50 });
+    }
+    await closing;
+    const events = text
+      .split("\n\n")
+      .filter((b) => b.trim())
+      .map((b) => ({ name: /^event: (.*)$/m.exec(b)![1], data: JSON.parse(/^data: (.*)$/m.exec(b)![1]!) }));
+    expect(events.every((e) => e.name === e.data.type)).toBe(true);
+    expect(events[events.length - 1]).toEqual({ name: "error", data: { type: "error", error: { type: "overloaded_error", message: expect.stringMatching(/shut down/) } } });
+    expect(events.some((e) => e.name === "message_stop" || e.name === "message_delta")).toBe(false);
+  });
+
   it("auth by x-api-key or Bearer; errors in Anthropic's shape; every unsupported field is a 400 naming it", async () => {
     const ok = { model: model(), max_tokens: 1, messages: [{ role: "user", content: "hi" }] };
     expect((await post(ok)).status).toBe(200);

@@ -358,6 +358,36 @@ describe("/v1/responses on the built-in model", () => {
     expect((await client.responses.create({ model: model(), input: "hi", max_output_tokens: 1 })).status).not.toBe("failed");
   });
 
+  it("shutdown mid-stream ends the stream with an error event and response.failed, never response.completed", async () => {
+    const other = createServer({ ds3, apiKeys: [KEY] });
+    const url = (await other.listen(0, "127.0.0.1")).url;
+    const res = await fetch(`${url}/v1/responses`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${KEY}` },
+      body: JSON.stringify({ model: model(), input: "Talk.", max_output_tokens: 4000, temperature: 1, stream: true }),
+    });
+    const reader = res.body!.getReader();
+    let text = "";
+    let closing: Promise<void> | null = null;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      text += new TextDecoder().decode(value);
+      if (!closing && text.includes("response.output_text.delta")) closing = other.close({ graceMs: 50 });
+    }
+    await closing;
+    const events = text
+      .split("\n\n")
+      .filter((b) => b.trim())
+      .map((b) => ({ name: /^event: (.*)$/m.exec(b)![1], data: JSON.parse(/^data: (.*)$/m.exec(b)![1]!) }));
+    expect(events.every((e) => e.name === e.data.type)).toBe(true);
+    expect(events.map((e) => e.data.sequence_number)).toEqual(events.map((_, i) => i));
+    expect(events.slice(-2).map((e) => e.name)).toEqual(["error", "response.failed"]);
+    expect(events[events.length - 2]!.data).toMatchObject({ code: "shutting_down", message: expect.stringMatching(/shut down/) });
+    expect(events[events.length - 1]!.data.response.status).toBe("failed");
+    expect(events.some((e) => e.name === "response.completed")).toBe(false);
+  });
+
   it("every unsupported field is a 400 naming it; store and previous_response_id say there is no storage", async () => {
     const ok = { model: model(), input: "hi", max_output_tokens: 1 };
     const cases: Array<[Record<string, unknown>, string]> = [

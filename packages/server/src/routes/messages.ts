@@ -53,15 +53,18 @@ export function stopReason(ctx: ServerContext, r: MessagesRequest, c: ChatChoice
   return { stop_reason: "end_turn", stop_sequence: null };
 }
 
-function usageOf(outcome: ChatOutcome) {
-  const cached = outcome.usage.prompt_tokens_details?.cached_tokens ?? 0;
+function usageOf(c: ChatChoice) {
+  const cached = c.result.cachedTokens;
   return {
-    input_tokens: outcome.usage.prompt_tokens - cached,
+    input_tokens: c.result.promptTokens - cached,
     cache_creation_input_tokens: 0,
     cache_read_input_tokens: cached,
-    output_tokens: outcome.usage.completion_tokens,
+    output_tokens: c.result.ids.length,
   };
 }
+
+/** A choice cut before its end (finish "abort"): by shutdown, or by the engine. */
+const cutOf = (ctx: ServerContext): ApiError => cutError({ cancelledBy: ctx.closing ? "shutdown" : null } as Parameters<typeof cutError>[0]);
 
 async function messages(ctx: ServerContext, x: Exchange, body: Record<string, unknown>): Promise<void> {
   const r = parseMessagesRequest(body);
@@ -69,6 +72,13 @@ async function messages(ctx: ServerContext, x: Exchange, body: Record<string, un
   let out: SseWriter | null = null;
   const emit = async (type: string, fields: Record<string, unknown>) => {
     if (out) await out.event(type, { type, ...fields });
+  };
+  /** mid-stream: Anthropic's error event, then the end */
+  const fail = async (e: unknown) => {
+    const err = e instanceof ApiError ? e : new ApiError(500, `internal error: ${(e as Error)?.message ?? String(e)}`, null, "internal_error");
+    if (err.status >= 500) ctx.log(`error: ${err.message}`);
+    await emit("error", { error: anthropicError(err.status, err.message).error });
+    out?.close();
   };
   const output = new MessageOutput(emit);
   let choice: ChatChoice | undefined;
@@ -96,34 +106,26 @@ async function messages(ctx: ServerContext, x: Exchange, body: Record<string, un
         if (ev.type === "delta") await output.delta(ev.reasoning, ev.content, ev.toolCalls);
         else if (ev.type === "done") {
           choice = ev.choice;
+          // the stream ends here, while the request is still tracked (shutdown waits for it)
+          if (ev.choice.finishReason === "abort") return void (out && (await fail(cutOf(ctx))));
           await output.finish();
+          if (out) {
+            await emit("message_delta", { delta: stopReason(ctx, r, ev.choice), usage: usageOf(ev.choice) });
+            await emit("message_stop", {});
+            out.close();
+          }
         }
       },
     });
-    if (outcome.cancelledBy === "shutdown" || choice?.finishReason === "abort") throw cutErrorOf(outcome);
   } catch (e) {
     if (!out) throw e;
-    // mid-stream: Anthropic's error event, then the end
-    const err = e instanceof ApiError ? e : new ApiError(500, `internal error: ${(e as Error)?.message ?? String(e)}`, null, "internal_error");
-    if (err.status >= 500) ctx.log(`error: ${err.message}`);
-    await emit("error", { error: anthropicError(err.status, err.message).error });
-    (out as SseWriter).close();
+    await fail(e);
     return;
   }
-  if (outcome.cancelledBy === "client") return;
-  const stop = stopReason(ctx, r, choice!);
-  const usage = usageOf(outcome);
-  if (out) {
-    await emit("message_delta", { delta: stop, usage });
-    await emit("message_stop", {});
-    (out as SseWriter).close();
-    return;
-  }
-  sendJson(x.res, 200, { id, type: "message", role: "assistant", model: ctx.modelName, content: output.blocks, ...stop, usage });
-}
-
-function cutErrorOf(outcome: ChatOutcome): ApiError {
-  return cutError({ cancelledBy: outcome.cancelledBy } as Parameters<typeof cutError>[0]);
+  if (out || outcome.cancelledBy === "client") return;
+  // cut by shutdown (or the engine): a 503 to retry, never a partial message
+  if (!choice || choice.finishReason === "abort") throw cutOf(ctx);
+  sendJson(x.res, 200, { id, type: "message", role: "assistant", model: ctx.modelName, content: output.blocks, ...stopReason(ctx, r, choice), usage: usageOf(choice) });
 }
 
 export const messagesRoute: Route = {

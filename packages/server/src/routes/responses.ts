@@ -8,7 +8,7 @@ import type { ServerContext } from "../context.js";
 import { ApiError } from "../errors.js";
 import { type Route, sendJson } from "../http.js";
 import { type ChatChoice, type ChatOutcome, runChat } from "../pipeline.js";
-import { type Exchange, type SseWriter, clampLp, openSse, tokenBytes, tokenName } from "../stream.js";
+import { type Exchange, type SseWriter, clampLp, cutError, openSse, tokenBytes, tokenName } from "../stream.js";
 import type { ChatRequest, ToolChoice } from "../validate.js";
 import { type OutputLogprob, ResponseOutput, newId } from "./responses-output.js";
 import { RecentItems, type ResponsesRequest, parseResponsesRequest } from "./responses-request.js";
@@ -54,19 +54,22 @@ function outputLogprobs(ctx: ServerContext) {
     }));
 }
 
-function usageOf(ctx: ServerContext, outcome: ChatOutcome, choice: ChatChoice | undefined) {
-  const input = outcome.usage.prompt_tokens;
-  const output = outcome.usage.completion_tokens;
+function usageOf(ctx: ServerContext, c: ChatChoice) {
+  const input = c.result.promptTokens;
+  const output = c.result.ids.length;
   // tokens of the <think> section: the reasoning text and its closing tag, as the tokenizer counts them
-  const reasoning = choice?.reasoning != null && ctx.tok ? Math.min(output, ctx.tok.encode(`${choice.reasoning}</think>`, { addSpecial: false }).length) : 0;
+  const reasoning = c.reasoning !== null && ctx.tok ? Math.min(output, ctx.tok.encode(`${c.reasoning}</think>`, { addSpecial: false }).length) : 0;
   return {
     input_tokens: input,
-    input_tokens_details: { cached_tokens: outcome.usage.prompt_tokens_details?.cached_tokens ?? 0 },
+    input_tokens_details: { cached_tokens: c.result.cachedTokens },
     output_tokens: output,
     output_tokens_details: { reasoning_tokens: reasoning },
     total_tokens: input + output,
   };
 }
+
+/** A choice cut before its end (finish "abort"): by shutdown, or by the engine. */
+const cutOf = (ctx: ServerContext): ApiError => cutError({ cancelledBy: ctx.closing ? "shutdown" : null } as Parameters<typeof cutError>[0]);
 
 /** The pipeline names chat fields; this route's clients sent input and max_output_tokens. */
 function renamed(e: unknown): unknown {
@@ -118,7 +121,24 @@ async function responses(ctx: ServerContext, x: Exchange, body: Record<string, u
     if (out) await out.event(type, { type, sequence_number: seq++, ...fields });
   };
   const output = new ResponseOutput(emit, r.logprobs !== null ? outputLogprobs(ctx) : null);
-  let cut = false as boolean;
+  /** mid-stream: an error event and response.failed, then the end */
+  const fail = async (e: unknown) => {
+    const err = e instanceof ApiError ? e : new ApiError(500, `internal error: ${(e as Error)?.message ?? String(e)}`, null, "internal_error");
+    if (err.status >= 500) ctx.log(`error: ${err.message}`);
+    await emit("error", { code: err.code, message: err.message, param: err.param });
+    await emit("response.failed", { response: { ...base("failed"), output: output.items, error: { code: err.code ?? "server_error", message: err.message } } });
+    out?.close();
+  };
+  /** the finished response; cut by max_output_tokens: incomplete */
+  const finalResponse = (c: ChatChoice) => {
+    const cut = c.finishReason === "length";
+    return {
+      ...base(cut ? "incomplete" : "completed"),
+      ...(cut && { incomplete_details: { reason: "max_output_tokens" } }),
+      output: output.items,
+      usage: usageOf(ctx, c),
+    };
+  };
   let choice: ChatChoice | undefined;
   let outcome: ChatOutcome;
   try {
@@ -133,37 +153,27 @@ async function responses(ctx: ServerContext, x: Exchange, body: Record<string, u
         if (ev.type === "delta") await output.delta(ev.reasoning, ev.content, ev.toolCalls, ev.samples);
         else if (ev.type === "done") {
           choice = ev.choice;
-          cut = ev.choice.finishReason === "length";
-          await output.finish(cut ? "incomplete" : "completed");
+          // the stream ends here, while the request is still tracked (shutdown waits for it)
+          if (ev.choice.finishReason === "abort") return void (out && (await fail(cutOf(ctx))));
+          await output.finish(ev.choice.finishReason === "length" ? "incomplete" : "completed");
+          for (const item of output.items) recent.add(item);
+          if (out) {
+            const final = finalResponse(ev.choice);
+            await emit(ev.choice.finishReason === "length" ? "response.incomplete" : "response.completed", { response: final });
+            out.close();
+          }
         }
       },
     });
   } catch (e) {
     if (!out) throw renamed(e);
-    // mid-stream: an error event and response.failed, then the end
-    const err = e instanceof ApiError ? e : new ApiError(500, `internal error: ${(e as Error)?.message ?? String(e)}`, null, "internal_error");
-    if (err.status >= 500) ctx.log(`error: ${err.message}`);
-    await emit("error", { code: err.code, message: err.message, param: err.param });
-    await emit("response.failed", { response: { ...base("failed"), output: output.items, error: { code: err.code ?? "server_error", message: err.message } } });
-    (out as SseWriter).close();
+    await fail(e);
     return;
   }
-  if (outcome.cancelledBy === "client") return;
-  for (const item of output.items) recent.add(item);
-  const aborted = choice?.finishReason === "abort";
-  const status = aborted ? "cancelled" : cut ? "incomplete" : "completed";
-  const final = {
-    ...base(status),
-    ...(cut && { incomplete_details: { reason: "max_output_tokens" } }),
-    output: output.items,
-    usage: usageOf(ctx, outcome, choice),
-  };
-  if (out) {
-    await emit(cut ? "response.incomplete" : aborted ? "response.failed" : "response.completed", { response: final });
-    (out as SseWriter).close();
-    return;
-  }
-  sendJson(x.res, 200, final);
+  if (out || outcome.cancelledBy === "client") return;
+  // cut by shutdown (or the engine): a 503 to retry, never a partial "completed"
+  if (!choice || choice.finishReason === "abort") throw cutOf(ctx);
+  sendJson(x.res, 200, finalResponse(choice));
 }
 
 export const responsesRoute: Route = {
