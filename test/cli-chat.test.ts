@@ -53,7 +53,7 @@ function freshCache(): string {
 const chat = (args: string[], cacheDir: string) => new Pty([process.execPath, BIN, "chat", ...args], { cwd: ROOT, env: { DS3_CACHE_DIR: cacheDir } });
 
 /** What a terminal shows of a reply: newlines as CR LF, control characters as U+FFFD (as chat prints them). */
-const onScreen = (s: string) => s.replace(/[\x00-\x08\x0b-\x1f\x7f\x9b]/g, "\ufffd");
+const onScreen = (s: string) => s.replace(/[\x00-\x08\x0b-\x1f\x7f-\x9f]/g, "\ufffd");
 const screen = (p: Pty) => p.out.replace(/\r*\n/g, "\n");
 const count = (s: string, sub: string) => s.split(sub).length - 1;
 
@@ -237,21 +237,23 @@ describe("chat in a terminal", () => {
       at = await pty.waitFor(/[^]{40}/, at);
       pty.type("zq7");
       await new Promise((r) => setTimeout(r, 200));
-      pty.type("xk\r"); // Enter during a reply sends nothing
+      pty.type("xkq\x7f\r"); // Backspace works; Enter during a reply sends nothing
+      await new Promise((r) => setTimeout(r, 200));
+      pty.type("\x1b[200~ pq9\rvw8\x1b[201~"); // a paste too
       at = await pty.waitFor(/[^]{80}/, at); // the reply goes on
       pty.type("\x03");
       at = await pty.waitFor(/\(stopped\)/, at);
-      expect(pty.out.slice(replyStart, at)).not.toMatch(/zq7|xk/);
-      at = await pty.waitFor(/> zq7xk/, at); // the next prompt starts with it
+      expect(pty.out.slice(replyStart, at)).not.toMatch(/zq7|xk|pq9|vw8/);
+      at = await pty.waitFor(/> zq7xk pq9\r*\n… vw8/, at); // the next prompt starts with it
       pty.type(" more\r");
-      at = await pty.waitFor(/> zq7xk more\r*\n/, at);
+      at = await pty.waitFor(/> zq7xk pq9\r*\n… vw8 more\r*\n/, at);
       await pty.waitFor(/[^]{40}/, at);
       pty.type("\x03");
       at = await pty.waitFor(/\(stopped\)[^]*> /, at);
       pty.type("/exit\r");
       expect(await pty.exited).toBe(0);
       const saved = JSON.parse(readFileSync(join(dir, "chat-history.json"), "utf8")) as { entries: string[] };
-      expect(saved.entries).toEqual(["Hello there", "zq7xk more", "/exit"]);
+      expect(saved.entries).toEqual(["Hello there", "zq7xk pq9\nvw8 more", "/exit"]);
     } finally {
       pty.kill();
     }
@@ -355,6 +357,31 @@ describe("chat in a terminal", () => {
       five.kill();
     }
     expect(existsSync(file)).toBe(false);
+  });
+
+  it("two sessions at once keep each other's messages in the history, in the order sent", async () => {
+    const dir = freshCache();
+    const [a, b] = [chat(GREEDY, dir), chat(GREEDY, dir)];
+    try {
+      const at = [await a.waitFor(/> /), await b.waitFor(/> /)];
+      const send = async (p: Pty, i: number, text: string) => {
+        p.type(`${text}\r`);
+        at[i] = await p.waitFor(/unknown command[^]*> /, at[i]); // commands: no model call
+      };
+      await send(a, 0, "/a1");
+      await send(b, 1, "/b1");
+      await send(a, 0, "/a2");
+      a.type("\x1b[A\x1b[A"); // a sees b's message in its history
+      at[0] = await a.waitFor(/> \/b1/, at[0]);
+      a.type("\x15/exit\r");
+      expect(await a.exited).toBe(0);
+      b.type("/exit\r");
+      expect(await b.exited).toBe(0);
+    } finally {
+      a.kill();
+      b.kill();
+    }
+    expect(JSON.parse(readFileSync(join(dir, "chat-history.json"), "utf8")).entries).toEqual(["/a1", "/b1", "/a2", "/exit"]);
   });
 
   it("a corrupt or unreadable history file is a warning, not a crash", async () => {

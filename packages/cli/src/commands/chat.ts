@@ -58,8 +58,8 @@ function helpText(history: InputHistory): string {
   ].join("\n");
 }
 
-/** Reply text for a terminal: control characters other than newline and tab are shown as U+FFFD, never run. */
-const forTerminal = (s: string) => s.replace(/[\x00-\x08\x0b-\x1f\x7f\x9b]/g, "\ufffd");
+/** Reply text for a terminal: control characters (C0 but newline and tab, DEL, C1) are shown as U+FFFD, never run. */
+const forTerminal = (s: string) => s.replace(/[\x00-\x08\x0b-\x1f\x7f-\x9f]/g, "\ufffd");
 
 export async function handler(a: Args): Promise<void> {
   if (a.prompt !== undefined && a.prompt.trim() === "") throw new UsageError("--prompt is empty: give the first message, or leave --prompt out");
@@ -120,7 +120,7 @@ export async function handler(a: Args): Promise<void> {
 
   /** A slash command: "exit", "done" when it was one, or the message to send. */
   const slash = (text: string): "exit" | "done" | string => {
-    const m = /^\/([a-z][a-z-]*)(?:[ \t]+(.*))?$/s.exec(text.trim());
+    const m = /^\/([A-Za-z][\w-]*)(?:[ \t]+(.*))?$/.exec(text.trim()); // one line: a paste of several is a message
     if (!m) return text.startsWith("//") ? text.slice(1) : text;
     const [, cmd, arg = ""] = m;
     switch (cmd) {
