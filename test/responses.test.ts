@@ -246,6 +246,16 @@ describe("/v1/responses on the built-in model", () => {
     expect(final.status).toBe("completed");
   });
 
+  it("tool_choice auto: the tools are rendered and whatever the model says comes back as items", async () => {
+    const r = await client.responses.create({ model: model(), input: "hi", tools: [weather], max_output_tokens: 12, temperature: 0 });
+    expect(r.tool_choice).toBe("auto");
+    expect(r.output.length).toBeGreaterThan(0);
+    for (const o of r.output) expect(["message", "function_call"]).toContain(o.type);
+    for (const o of r.output) if (o.type === "function_call" && o.status === "completed") z.object({ city: z.enum(["Paris", "Tokyo"]), unit: z.enum(["c", "f"]) }).parse(JSON.parse(o.arguments));
+    // the tool section made the prompt longer than the plain chat template
+    expect(r.usage!.input_tokens).toBeGreaterThan(ds3.renderChat([{ role: "user", content: "hi" }]).ids.length + 20);
+  });
+
   it("text.format json_schema: the output validates (enum, boolean, required nested object, array)", async () => {
     const Answer = z
       .object({
