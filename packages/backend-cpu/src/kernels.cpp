@@ -284,9 +284,20 @@ void mla(Pool& p, const Precision& pr, const float* q, const float* kv, const fl
     std::memcpy(tmp.data() + C, pe + t * R, size_t(R) * 4);
     cache.write(layer, slot_of(m.seq_idx[t], m.positions[t]), tmp.data(), W);
   }
-  // 2. wkv_b for this rank's heads: dequantized once, at first use, and kept with the weight
+  // 2. wkv_b for this rank's heads. A long batch uses an fp32 copy, made once at first use and
+  // kept with the weight; a short one (decode) reads the stored FP8 rows, decoded in registers
+  // (a quarter of the bytes). Both give bit-identical results (simd.h), so batch invariance holds.
   const int64_t hd = d.nope + d.v;
-  const float* wb = wkv_b.dequantized(K);
+  const bool stored = T <= 8 && wkv_b.dtype == WDType::F8E4M3;
+  const float* wb = stored ? nullptr : wkv_b.dequantized(K);
+  const WView wv = wkv_b.view();
+  auto head_rows = [&](int64_t r0, int64_t n) {  // rows [r0, r0 + n) of wkv_b as a weight of their own
+    WView v = wv;
+    v.rows = n;
+    v.data = wv.data + r0 * wv.cols;
+    v.orow = wv.orow + r0;
+    return v;
+  };
   const int64_t qw = d.nope + d.rope;
   // 3. attention per (token, block of heads): each run of cache rows (one cache block) is
   // scored against the block's heads with one gemm; per (token, head, position) the order of
@@ -296,7 +307,7 @@ void mla(Pool& p, const Precision& pr, const float* q, const float* kv, const fl
   p.parallel_for(T * nhb, [&](int64_t b, int64_t e) {
     std::vector<float> qa(static_cast<size_t>(HB * C)), qp(static_cast<size_t>(HB * R)), olat(static_cast<size_t>(HB * C)), sc, sr;
     std::vector<float> rows(cache.bf16 ? static_cast<size_t>(bs * W) : 0);
-    std::vector<float> mx(static_cast<size_t>(HB)), sum(static_cast<size_t>(HB));
+    std::vector<float> mx(static_cast<size_t>(HB)), sum(static_cast<size_t>(HB)), rowtmp(static_cast<size_t>(C));
     for (int64_t tb = b; tb < e; tb++) {
       int64_t t = tb / nhb, h0 = (tb % nhb) * HB, nh = std::min(HB, d.heads - h0);
       int64_t s = m.seq_idx[t], P = m.positions[t];
@@ -304,7 +315,10 @@ void mla(Pool& p, const Precision& pr, const float* q, const float* kv, const fl
         const float* qn = q + t * d.heads * qw + (h0 + k) * qw;
         float* qk = qa.data() + k * C;
         std::fill(qk, qk + C, 0.0f);
-        for (int64_t i = 0; i < d.nope; i++) K.axpy(qn[i], wb + ((h0 + k) * hd + i) * C, qk, C);
+        for (int64_t i = 0; i < d.nope; i++) {
+          if (stored) K.axpy_row(qn[i], wv, (h0 + k) * hd + i, qk, rowtmp.data());
+          else K.axpy(qn[i], wb + ((h0 + k) * hd + i) * C, qk, C);
+        }
         std::memcpy(qp.data() + k * R, qn + d.nope, size_t(R) * 4);
       }
       const int64_t n = P + 1;
@@ -339,9 +353,14 @@ void mla(Pool& p, const Precision& pr, const float* q, const float* kv, const fl
         for (int64_t j = j0; j < j1; j++)
           for (int64_t k = 0; k < nh; k++) K.axpy(sc[k * n + j] / sum[k], rw + (j - j0) * W, olat.data() + k * C, C);
       }
-      for (int64_t k = 0; k < nh; k++)
-        K.gemm(olat.data() + k * C, C, 1, wb + ((h0 + k) * hd + d.nope) * C, C, d.v, C, out + t * d.heads * d.v + (h0 + k) * d.v, d.v,
-               pr.act_bf16);
+      for (int64_t k = 0; k < nh; k++) {
+        float* o = out + t * d.heads * d.v + (h0 + k) * d.v;
+        if (stored)
+          K.linear(olat.data() + k * C, C, 1, head_rows((h0 + k) * hd + d.nope, d.v), 0, d.v, o, d.v, pr.act_bf16,
+                   scratch(size_t(K.scratch_rows(1, C) * C)));
+        else
+          K.gemm(olat.data() + k * C, C, 1, wb + ((h0 + k) * hd + d.nope) * C, C, d.v, C, o, d.v, pr.act_bf16);
+      }
     }
   });
 }

@@ -253,6 +253,32 @@ describe.each(availableIsas())("SIMD kernels (%s)", (isa) => {
   });
 });
 
+describe.each(availableIsas())("absorbed MLA (%s)", (isa) => {
+  it("a token's attention output is bit-identical prefilled in a batch of 12 (fp32 wkv_b copy) and decoded alone (FP8 rows in registers)", () => {
+    const ctx = withIsa(isa);
+    const d = { heads: 3, nope: 16, rope: 8, v: 16, kvLora: 150, scale: 0.2 };
+    const { hw } = fp8Weight(d.heads * (d.nope + d.v), d.kvLora, [0, 0]);
+    const wkvB = ctx.weight(hw);
+    const T = 12, qw = d.nope + d.rope;
+    const q = Float32Array.from({ length: T * d.heads * qw }, randn);
+    const kv = Float32Array.from({ length: T * d.kvLora }, randn);
+    const pe = Float32Array.from({ length: T * d.rope }, randn);
+    const meta = (pos: number[]) => ({ positions: Int32Array.from(pos), seqIdx: new Int32Array(pos.length), blockTables: Int32Array.of(0, 1, 2), maxBlocks: 3 });
+    const batch = ctx.createCache(1, 3, 8, d.kvLora + d.rope, "f32");
+    const all = ctx.download(
+      ctx.mla(ctx.upload(q, [T, d.heads * qw]), ctx.upload(kv, [T, d.kvLora]), ctx.upload(pe, [T, d.rope]), wkvB, batch, 0, meta([...Array(T).keys()]), d),
+    );
+    const alone = ctx.createCache(1, 3, 8, d.kvLora + d.rope, "f32");
+    for (let t = 0; t < T; t++) {
+      const row = (a: Float32Array, w: number) => ctx.upload(a.slice(t * w, (t + 1) * w), [1, w]);
+      const y = ctx.download(ctx.mla(row(q, d.heads * qw), row(kv, d.kvLora), row(pe, d.rope), wkvB, alone, 0, meta([t]), d));
+      expect(y, `token ${t}`).toEqual(all.subarray(t * d.heads * d.v, (t + 1) * d.heads * d.v));
+    }
+    expect(ctx.readCache(alone, 0, 0, T)).toEqual(ctx.readCache(batch, 0, 0, T));
+    ctx.dispose();
+  });
+});
+
 describe("SIMD kernel choice", () => {
   it("the best ISA is the default; an unknown or unsupported one is refused by name", () => {
     const isas = availableIsas();

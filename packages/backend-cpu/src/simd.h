@@ -47,6 +47,8 @@ struct Kern {
   float (*dot)(const float* a, const float* b, int64_t n);
   /** y += a * x */
   void (*axpy)(float a, const float* x, float* y, int64_t n);
+  /** y += a * (row r of w), the row decoded in registers: bit-identical to decode + axpy (tmp: w.cols floats) */
+  void (*axpy_row)(float a, const WView& w, int64_t r, float* y, float* tmp);
 };
 
 /** The kernels for `isa` ("avx512", "avx2", "generic"; "" or "auto": the best this CPU runs); null if this CPU can't. */

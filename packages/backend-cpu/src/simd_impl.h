@@ -300,4 +300,24 @@ void axpy(float a, const float* x, float* y, int64_t n) {
   for (; i < n; i++) y[i] += a * x[i];
 }
 
+void axpy_row(float a, const ds3::WView& w, int64_t r, float* y, float* tmp) {
+  const int64_t K = w.cols;
+  if (!(w.dtype == 0 && w.scale_ok && w.ocol % V::L == 0)) {
+    decode(w, r, 1, tmp);
+    axpy(a, tmp, y, K);
+    return;
+  }
+  const typename V::R va = V::set1(a);
+  const uint8_t* p = w.data + r * K;
+  const float* srow = w.scale + ((r + w.orow) / 128) * w.scols;
+  int64_t c = 0;
+  while (c < K) {
+    const int64_t blk = (c + w.ocol) / 128, end = min64(K, (blk + 1) * 128 - w.ocol);
+    const float s120 = srow[blk] * TWO_120;
+    const typename V::R vs = V::set1(s120);
+    for (; c + V::L <= end; c += V::L) V::store(y + c, V::fma(va, V::mul(V::fp8(p + c), vs), V::load(y + c)));
+    for (; c < end; c++) y[c] += a * (scalar_fp8(p[c]) * s120);
+  }
+}
+
 }  // namespace
