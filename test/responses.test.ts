@@ -12,6 +12,7 @@ import { type Ds3Server, createServer, renderToolChat } from "@ds3/server";
 import OpenAI from "openai";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
+import { RecentItems } from "../packages/server/src/routes/responses-request.js";
 
 const KEY = "sk-responses";
 type Ev = { type: string; sequence_number: number; [k: string]: any };
@@ -92,6 +93,19 @@ async function collect(stream: AsyncIterable<unknown>): Promise<Ev[]> {
   for await (const e of stream) out.push(e as Ev);
   return out;
 }
+
+describe("item_reference memory", () => {
+  it("keeps the newest items within its count and size bounds", () => {
+    const r = new RecentItems(3, 260); // an empty item is 37 characters of JSON, the big one 189
+    const item = (id: string, text = "") => ({ id, type: "message", text });
+    for (const id of ["a", "b", "c", "d"]) r.add(item(id));
+    expect(["a", "b", "c", "d"].map((id) => r.get(id)?.id ?? null)).toEqual([null, "b", "c", "d"]);
+    r.add(item("big", "x".repeat(150))); // over the size budget with the rest: the oldest go first
+    expect(["b", "c", "d", "big"].map((id) => r.get(id)?.id ?? null)).toEqual([null, null, "d", "big"]);
+    r.add(item("huge", "x".repeat(500))); // larger than the whole budget: not kept, nothing else lost
+    expect([r.get("huge"), r.get("d")?.id, r.get("big")?.id]).toEqual([undefined, "d", "big"]);
+  });
+});
 
 describe("/v1/responses on the built-in model", () => {
   let ds3: DS3;

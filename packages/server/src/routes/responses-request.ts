@@ -57,19 +57,33 @@ const TOP = new Set([
 
 const WHAT = "this server's /v1/responses";
 
-/** Output items this server returned lately, so `item_reference` inputs can name them. */
+/** Output items this server returned lately, so `item_reference` inputs can name them: the
+ *  newest `capacity` items within `maxChars` characters of JSON (the oldest are dropped first). */
 export class RecentItems {
-  private readonly items = new Map<string, Obj>();
-  constructor(readonly capacity = 4096) {}
+  private readonly items = new Map<string, { item: Obj; size: number }>();
+  private chars = 0;
+  constructor(
+    readonly capacity = 4096,
+    readonly maxChars = 32 * 1024 * 1024,
+  ) {}
   add(item: Obj): void {
     const id = item.id;
     if (typeof id !== "string") return;
-    this.items.delete(id);
-    this.items.set(id, item);
-    while (this.items.size > this.capacity) this.items.delete(this.items.keys().next().value as string);
+    this.drop(id);
+    const size = JSON.stringify(item).length;
+    if (size > this.maxChars) return;
+    this.items.set(id, { item, size });
+    this.chars += size;
+    while (this.items.size > this.capacity || this.chars > this.maxChars) this.drop(this.items.keys().next().value as string);
   }
   get(id: string): Obj | undefined {
-    return this.items.get(id);
+    return this.items.get(id)?.item;
+  }
+  private drop(id: string): void {
+    const e = this.items.get(id);
+    if (!e) return;
+    this.items.delete(id);
+    this.chars -= e.size;
   }
 }
 
