@@ -10,6 +10,7 @@ import { cpu } from "@ds3/backend-cpu";
 import { DS3 } from "@ds3/core";
 import { type Ds3Server, createServer, renderToolChat } from "@ds3/server";
 import OpenAI from "openai";
+import { zodTextFormat } from "openai/helpers/zod";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
 import { RecentItems } from "../packages/server/src/routes/responses-request.js";
@@ -297,6 +298,9 @@ describe("/v1/responses on the built-in model", () => {
       expect(status).toBe("completed");
       Answer.parse(JSON.parse(text));
     }
+    // the client's own parse() helper with zodTextFormat
+    const parsed = await client.responses.parse({ model: model(), input: "Describe it.", text: { format: zodTextFormat(Answer, "answer") }, temperature: 0, max_output_tokens: 200 });
+    expect(Answer.parse(parsed.output_parsed)).toEqual(parsed.output_parsed);
     // cut by max_output_tokens: a valid prefix and status incomplete
     const cut = await client.responses.create({ model: model(), input: "JSON", text: { format: { type: "json_schema", name: "answer", schema } }, temperature: 0, max_output_tokens: 4 });
     expect(cut.status).toBe("incomplete");
