@@ -452,6 +452,9 @@ describe("chat with stdin not a terminal", () => {
     const want = await generated("Hello from the flag", 8);
     const r = ok(await ds3(["chat", ...GREEDY, "--prompt", "Hello from the flag"]));
     expect(r.stdout).toBe(`${want}\n`);
+    const more = ok(await ds3(["chat", ...GREEDY, "--prompt", "Hello from the flag"], { input: "And a second one\n" }));
+    expect(more.stdout.startsWith(`${want}\n`)).toBe(true);
+    expect(count(more.stderr, CUT)).toBe(2);
     const none = ok(await ds3(["chat", ...GREEDY]));
     expect(none.stdout).toBe("");
     expect(none.stderr).toMatch(/stdin is not a terminal and gave no message: pipe one message per line .*or give --prompt/);

@@ -164,7 +164,7 @@ export class LineEditor {
       return;
     }
     if (key.ctrl && key.name === "c") this.pasting = false; // Ctrl-C always works, also if a paste never ended
-    if (this.state === "busy") return this.busyKey(s, key);
+    if (this.state === "busy") return this.busyKey(s, key, more);
     if (this.state !== "reading") return;
     if (this.pasting) {
       this.pasteText(seq);
@@ -243,10 +243,12 @@ export class LineEditor {
   }
 
   /** A key while a reply streams: Ctrl-C stops it; text is kept (unseen) for the next prompt. */
-  private busyKey(s: string | undefined, key: Key): void {
+  private busyKey(s: string | undefined, key: Key, more: boolean): void {
     if (key.ctrl && key.name === "c") return this.onInterrupt();
     if (this.pasting) return void (this.typeAhead += this.pasted(key.sequence ?? s ?? ""));
-    if (key.name === "backspace") this.typeAhead = this.typeAhead.slice(0, this.prevPos(this.typeAhead.length, this.typeAhead));
+    if (key.name === "return" || key.name === "enter") {
+      if (more || key.meta) this.typeAhead += "\n"; // inside a paste without brackets (or Alt-Enter); a lone Enter sends nothing
+    } else if (key.name === "backspace") this.typeAhead = this.typeAhead.slice(0, this.prevPos(this.typeAhead.length, this.typeAhead));
     else if (key.name === "tab") this.typeAhead += "\t";
     else if (s && !key.ctrl && !key.meta && !/[\x00-\x1f\x7f]/.test(s)) this.typeAhead += s;
   }

@@ -193,6 +193,7 @@ export async function handler(a: Args): Promise<void> {
       }
     } else {
       const rl = createInterface({ input: process.stdin, terminal: false });
+      const lines = rl[Symbol.asyncIterator](); // from now on, lines wait here (also while --prompt is answered)
       stop = () => rl.close();
       let sent = a.prompt !== undefined;
       if (a.prompt !== undefined) await turn(a.prompt);
@@ -205,7 +206,7 @@ export async function handler(a: Args): Promise<void> {
         if (s === "exit") exit = true;
         else if (s !== "done") await turn(s);
       };
-      for await (const line of rl) {
+      for await (const line of { [Symbol.asyncIterator]: () => lines }) {
         if (line.endsWith("\\")) {
           pending += `${line.slice(0, -1)}\n`;
           continue;
