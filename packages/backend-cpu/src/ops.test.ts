@@ -212,6 +212,21 @@ function bf16Weight(rows: number, cols: number): { hw: HostWeight; dense: Float6
   return { hw: { name: "wb", dtype: "bf16", shape: [rows, cols], data: new Uint8Array(v.buffer) }, dense };
 }
 
+function f16Weight(rows: number, cols: number): { hw: HostWeight; dense: Float64Array } {
+  const v = new Uint16Array(rows * cols);
+  const dense = new Float64Array(rows * cols);
+  for (let i = 0; i < v.length; i++) {
+    // every bit pattern but inf/NaN, subnormals included
+    let h = Math.floor(rng.next() * 65536);
+    if (((h >> 10) & 31) === 31) h &= 0x83ff;
+    v[i] = h;
+    const s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+    const f = e === 0 ? m * 2 ** -24 : (1 + m / 1024) * 2 ** (e - 15);
+    dense[i] = s ? -f : f;
+  }
+  return { hw: { name: "wh", dtype: "f16", shape: [rows, cols], data: new Uint8Array(v.buffer) }, dense };
+}
+
 describe.each(availableIsas())("SIMD kernels (%s)", (isa) => {
   // 203 rows (not a multiple of the 4-row register tile), 300 columns (a tail after the 16/8/4 lanes)
   const T = 40, N = 203, K = 300;
@@ -223,7 +238,7 @@ describe.each(availableIsas())("SIMD kernels (%s)", (isa) => {
     const big = fp8Weight(N, K, [0, 0]); // scales >= 2^8: the two-step exact decode
     big.hw.scale = big.hw.scale!.map((s, i) => (i % 2 ? s * 1e5 : s));
     for (let r = 0; r < N; r++) for (let k = 0; k < K; k++) big.dense[r * K + k] = fp8Decode(big.hw.data[r * K + k]!) * big.hw.scale[Math.floor(r / 128) * big.hw.scaleShape![1] + Math.floor(k / 128)]!;
-    return { "fp8": a, "fp8 slice": b, "fp8 unaligned slice": c, "fp8 large scales": big, "bf16": bf16Weight(N, K) };
+    return { "fp8": a, "fp8 slice": b, "fp8 unaligned slice": c, "fp8 large scales": big, "bf16": bf16Weight(N, K), "f16": f16Weight(N, K) };
   };
 
   it("linear matches the float64 formula for FP8 (aligned, sliced, unaligned, large scales) and BF16 weights", () => {
