@@ -30,6 +30,8 @@ export interface RouteMatch {
   body(): Promise<Buffer>;
   /** the request body as a JSON object (400 otherwise) */
   json(): Promise<Record<string, unknown>>;
+  /** 401 unless the request carries an accepted API key (when the server has keys) */
+  authorize(): void;
 }
 
 export interface HttpOptions {
@@ -40,6 +42,61 @@ export interface HttpOptions {
 
 export interface Http {
   handler(req: IncomingMessage, res: ServerResponse): void;
+  checkContinue(req: IncomingMessage, res: ServerResponse): void;
+  /** resolves once every response begun so far has ended (or after `ms`) */
+  drained(ms: number): Promise<void>;
+}
+
+/**
+ * The accepted API keys: the option, else $DS3_API_KEY (comma-separated). Entries are trimmed;
+ * an empty entry ("a,,b", a trailing comma) is an error rather than a key nobody can send.
+ */
+export function apiKeys(option: string | string[] | undefined): string[] {
+  const fromEnv = option === undefined;
+  const env = process.env.DS3_API_KEY;
+  const list = fromEnv ? (env ? env.split(",") : []) : typeof option === "string" ? [option] : option;
+  return list.map((k, i) => {
+    const t = k.trim();
+    if (t === "")
+      throw new TypeError(fromEnv ? `DS3_API_KEY: entry ${i + 1} of ${list.length} is empty (keys are comma-separated)` : `apiKeys: key ${i + 1} is empty`);
+    return t;
+  });
+}
+
+/** The request's declared body length, or null (none, or chunked). */
+export function declaredLength(req: IncomingMessage): number | null {
+  const h = req.headers["content-length"];
+  if (h === undefined) return null;
+  const n = Number(h);
+  return Number.isFinite(n) ? n : null;
+}
+
+/**
+ * After answering 413 with Connection: close: read and drop what the client still sends (so it
+ * gets to read our answer instead of a reset), for at most `maxBytes` or `ms`, then close.
+ */
+export function discardBody(req: IncomingMessage, maxBytes: number, ms = 2000): void {
+  let seen = 0;
+  const kill = () => req.socket?.destroy();
+  const timer = setTimeout(kill, ms);
+  timer.unref();
+  req.on("data", (c: Buffer) => {
+    seen += c.length;
+    if (seen > maxBytes) kill();
+  });
+  req.on("end", () => clearTimeout(timer));
+  req.on("close", () => clearTimeout(timer));
+  req.resume();
+}
+
+/**
+ * Once the answer is out, node:http destroys a Connection: close socket: with body bytes still
+ * arriving, that is a reset, and the client may never read the answer. Close our side only
+ * (FIN) instead, and let discardBody() read the rest for a while.
+ */
+function lingeringClose(req: IncomingMessage): void {
+  const sock = req.socket as (typeof req.socket & { destroySoon?: () => void }) | null;
+  if (sock && typeof sock.destroySoon === "function") sock.destroySoon = () => void sock.end();
 }
 
 function sha256(s: string): Buffer {
@@ -74,8 +131,7 @@ export function sendError(res: ServerResponse, e: unknown, log: (line: string) =
 export function createHttp(ctx: ServerContext, routes: readonly Route[], o: HttpOptions): Http {
   const maxBody = o.maxBodyBytes ?? 4 * MiB;
   // API keys: compared in constant time (hashes of equal length, every key checked)
-  const keySource = o.apiKeys ?? (process.env.DS3_API_KEY ? process.env.DS3_API_KEY.split(",") : []);
-  const keyHashes = (typeof keySource === "string" ? [keySource] : keySource).filter((k) => k.length > 0).map((k) => sha256(k));
+  const keyHashes = apiKeys(o.apiKeys).map((k) => sha256(k));
   const corsOrigins = o.cors === true ? "*" : o.cors ? (typeof o.cors === "string" ? [o.cors] : o.cors) : null;
 
   function checkAuth(req: IncomingMessage): void {
@@ -100,27 +156,42 @@ export function createHttp(ctx: ServerContext, routes: readonly Route[], o: Http
     }
   }
 
-  async function readBody(req: IncomingMessage): Promise<Buffer> {
-    const declared = Number(req.headers["content-length"]);
-    const chunks: Buffer[] = [];
-    let size = 0;
-    let over = Number.isFinite(declared) && declared > maxBody;
-    const hardCap = Math.max(maxBody * 4, 16 * MiB);
-    for await (const chunk of req as AsyncIterable<Buffer>) {
-      size += chunk.length;
-      if (size > maxBody) over = true;
-      if (over) {
-        // keep draining (so the client reads our answer) unless it is far too large
-        if (size > hardCap) {
-          req.destroy();
-          break;
+  const tooLarge = () => new ApiError(413, `request body is larger than the limit of ${maxBody} bytes`, null, "request_too_large", "invalid_request_error", { Connection: "close" });
+
+  /** The body, up to the limit: past it, 413 at once (the handler then drains and closes). */
+  function readBody(req: IncomingMessage): Promise<Buffer> {
+    const declared = declaredLength(req);
+    if (declared !== null && declared > maxBody) return Promise.reject(tooLarge());
+    return new Promise((resolve, reject) => {
+      const chunks: Buffer[] = [];
+      let size = 0;
+      const onData = (c: Buffer) => {
+        size += c.length;
+        if (size > maxBody) {
+          done();
+          reject(tooLarge());
+          return;
         }
-        continue;
-      }
-      chunks.push(chunk);
-    }
-    if (over) throw new ApiError(413, `request body is larger than the limit of ${maxBody} bytes`, null, "request_too_large");
-    return Buffer.concat(chunks);
+        chunks.push(c);
+      };
+      const onEnd = () => {
+        done();
+        resolve(Buffer.concat(chunks));
+      };
+      const onError = (e: Error) => {
+        done();
+        reject(new ApiError(400, `reading the request body failed: ${e.message}`, null, "bad_request"));
+      };
+      const done = () => {
+        req.off("data", onData);
+        req.off("end", onEnd);
+        req.off("error", onError);
+        req.pause();
+      };
+      req.on("data", onData);
+      req.on("end", onEnd);
+      req.on("error", onError);
+    });
   }
 
   async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> {
@@ -134,6 +205,9 @@ export function createHttp(ctx: ServerContext, routes: readonly Route[], o: Http
     if (!isObject(v)) throw new ApiError(400, "request body must be a JSON object", null, "invalid_json");
     return v;
   }
+
+  /** responses not yet closed (shutdown lets them finish writing) */
+  const open = new Set<ServerResponse>();
 
   // the table, split into exact paths and "{param}" prefixes
   const exact = new Map<string, Route>();
@@ -170,7 +244,7 @@ export function createHttp(ctx: ServerContext, routes: readonly Route[], o: Http
     const { route, param } = found;
     if (!route.methods.includes(method))
       throw new ApiError(405, `method ${method} is not allowed on ${path}`, null, "method_not_allowed", "invalid_request_error", { Allow: route.methods.join(",") });
-    await route.handle(ctx, x, { url, ...(param !== undefined && { param }), body: () => readBody(req), json: () => readJson(req) });
+    await route.handle(ctx, x, { url, ...(param !== undefined && { param }), body: () => readBody(req), json: () => readJson(req), authorize: () => checkAuth(req) });
   }
 
   function handler(req: IncomingMessage, res: ServerResponse): void {
@@ -179,24 +253,47 @@ export function createHttp(ctx: ServerContext, routes: readonly Route[], o: Http
     let urlError: unknown = null;
     try {
       url = new URL(req.url ?? "/", "http://localhost");
-    } catch (e) {
-      urlError = e;
+    } catch {
+      // an absolute-form target with a broken host, or no URL at all
+      urlError = new ApiError(400, `invalid request target ${JSON.stringify(String(req.url).slice(0, 200))}`, null, "bad_request");
     }
+    // a declared body over the limit: 413 before reading it (and before any 100 Continue)
+    const declared = declaredLength(req);
+    if (urlError === null && declared !== null && declared > maxBody) urlError = tooLarge();
     const path = url ? (url.pathname.length > 1 ? url.pathname.replace(/\/+$/, "") : url.pathname) : "";
     const found = url ? find(path) : null;
     const endpoint = found ? found.route.path : "other";
     res.setHeader("X-Content-Type-Options", "nosniff");
+    open.add(res);
     res.once("close", () => {
+      open.delete(res);
       ctx.metrics.httpRequests.inc({ endpoint, method: req.method ?? "GET", code: String(res.statusCode) });
       ctx.log(`${req.method} ${req.url} ${res.statusCode} ${(performance.now() - t0).toFixed(1)}ms`);
     });
     const run = url ? dispatch({ req, res, t0 }, url, path, found) : Promise.reject(urlError);
     run.catch((e) => {
-      // a request whose body we did not read keeps the connection busy: close it after answering
-      if (e instanceof ApiError && e.status === 413) res.setHeader("Connection", "close");
+      // a request whose body we did not read: answer, drop the rest of the body, close
+      if (e instanceof ApiError && e.status === 413) {
+        lingeringClose(req);
+        sendError(res, e, ctx.log, found?.route.errorBody);
+        discardBody(req, Math.max(maxBody, MiB));
+        return;
+      }
       sendError(res, e, ctx.log, found?.route.errorBody);
     });
   }
 
-  return { handler };
+  /** For the server's 'checkContinue' event: 100 Continue only for a body within the limit. */
+  function checkContinue(req: IncomingMessage, res: ServerResponse): void {
+    const declared = declaredLength(req);
+    if (declared === null || declared <= maxBody) res.writeContinue();
+    handler(req, res);
+  }
+
+  async function drained(ms: number): Promise<void> {
+    const t = Date.now();
+    while ([...open].some((r) => !r.writableFinished) && Date.now() - t < ms) await new Promise((r) => setTimeout(r, 10));
+  }
+
+  return { handler, checkContinue, drained };
 }

@@ -12,10 +12,12 @@ import { ApiError, invalid } from "./errors.js";
 import type { CompiledGrammar } from "./grammar.js";
 import { type ChoiceResult, type ChoiceSpec, minTokens } from "./generate.js";
 import { ReasoningStreamParser, promptOpensThink, splitReasoning } from "./reasoning.js";
-import { type ActiveRequest, type Exchange, type Usage, finishMetrics, usage } from "./stream.js";
+import { type ActiveRequest, type Exchange, type Usage, cutError, finishMetrics, usage } from "./stream.js";
 import { type ParsedToolCall, T, type ToolCallDelta, ToolCallStreamParser, renderToolChat } from "./tools.js";
 import type { ChatRequest } from "./validate.js";
 
+/** "abort" only when the client hung up (nobody reads it); a request cut by shutdown throws
+ *  cutError() (503 shutting_down) instead, which no client mistakes for an answer */
 export type ChatFinishReason = "stop" | "length" | "tool_calls" | "abort";
 
 export type ChatEvent =
@@ -208,6 +210,11 @@ export async function runChat(ctx: ServerContext, x: Exchange, r: ChatRequest, h
           await hooks.onEvent({ type: "delta", index, reasoning: p.reasoning, content: p.content, toolCalls: p.calls, samples });
       };
       const result = await run.run(async (d) => emit(pipe(st, d.text, false), d.samples));
+      if (result.finishReason === "abort" && active.cancelledBy !== "client") {
+        // cut by shutdown (or the engine stopping): an error, never finish_reason "abort"
+        finishMetrics(ctx.metrics, result, "abort");
+        throw cutError(active);
+      }
       await emit(pipe(st, "", true), []);
       let reasoning = st.reasoning?.hadReasoning ? st.reasoningText : null;
       let content = st.content;

@@ -6,7 +6,7 @@
 // stream.ts (admission, running choices, SSE), pipeline.ts (the chat pipeline), routes/ (one
 // file per endpoint, listed in routes/index.ts).
 import { type IncomingMessage, type Server, type ServerResponse, createServer as createHttpServer } from "node:http";
-import type { AddressInfo } from "node:net";
+import type { AddressInfo, Socket } from "node:net";
 import { type ServerModel, createContext } from "./context.js";
 import { createHttp } from "./http.js";
 import { ServerMetrics } from "./metrics.js";
@@ -20,8 +20,13 @@ export interface ServerOptions {
   ds3: ServerModel;
   /** accepted API keys; default: $DS3_API_KEY (comma-separated); none: no authentication */
   apiKeys?: string | string[];
-  /** largest request body (bytes); default 4 MiB */
+  /** largest request body (bytes); default 4 MiB. Larger ones get 413 (from a declared
+   *  Content-Length before reading, and never after a 100 Continue) */
   maxBodyBytes?: number;
+  /** listen(): most time to receive a request's headers and body (ms), else 408; default 30000 */
+  requestTimeoutMs?: number;
+  /** listen(): most open connections; more are closed at once; default 4096 */
+  maxConnections?: number;
   /** CORS: off by default; true allows any origin, or give the allowed origins */
   cors?: boolean | string | string[];
   /** the model id clients send and /v1/models lists; default the model's name */
@@ -67,6 +72,7 @@ export function createServer(opts: ServerOptions): Ds3Server {
   let closed: Promise<void> | null = null;
   let httpServer: Server | null = null;
   const signalHandlers: Array<[NodeJS.Signals, () => void]> = [];
+  const sockets = new Set<Socket>();
 
   const metrics = new ServerMetrics(engine, () => ctx.admission.inFlight);
   const ctx = createContext({
@@ -80,7 +86,9 @@ export function createServer(opts: ServerOptions): Ds3Server {
     isClosing: () => closing,
   });
   const { active } = ctx.admission;
-  const { handler } = createHttp(ctx, routes, { apiKeys: opts.apiKeys, maxBodyBytes: opts.maxBodyBytes, cors: opts.cors });
+  const { handler, checkContinue, drained } = createHttp(ctx, routes, { apiKeys: opts.apiKeys, maxBodyBytes: opts.maxBodyBytes, cors: opts.cors });
+  const requestTimeout = positiveInt(opts.requestTimeoutMs, 30_000, "requestTimeoutMs");
+  const maxConnections = positiveInt(opts.maxConnections, 4096, "maxConnections");
 
   // ---------------------------------------------------------------------------------------
   // lifecycle
@@ -88,7 +96,23 @@ export function createServer(opts: ServerOptions): Ds3Server {
   async function listen(port = 8000, host = "127.0.0.1") {
     if (httpServer) throw new Error("listen() was already called");
     if (closing) throw new Error("server is closed");
-    const srv = createHttpServer({ keepAliveTimeout: 5000 }, handler);
+    const srv = createHttpServer(
+      {
+        keepAliveTimeout: 5000,
+        requestTimeout,
+        headersTimeout: Math.min(requestTimeout, 60_000),
+        // how often node checks those timeouts (its default, 30 s, would let a short timeout run long)
+        connectionsCheckingInterval: Math.max(100, Math.min(1000, Math.floor(requestTimeout / 4))),
+      },
+      handler,
+    );
+    srv.maxConnections = maxConnections;
+    srv.on("connection", (s: Socket) => {
+      sockets.add(s);
+      s.once("close", () => sockets.delete(s));
+    });
+    // 100 Continue only for a body within the limit (node would send it to every request)
+    srv.on("checkContinue", checkContinue);
     httpServer = srv;
     await new Promise<void>((resolve, reject) => {
       srv.once("error", reject);
@@ -137,6 +161,11 @@ export function createServer(opts: ServerOptions): Ds3Server {
         }
         await Promise.race([all(), new Promise((r) => setTimeout(r, 5000))]);
       }
+      // let the cut requests' answers (503 / the stream's error event) reach their clients:
+      // end each connection (its pending writes, then FIN), and destroy what is left after a while
+      await drained(1000);
+      for (const s of sockets) s.end();
+      await Promise.race([Promise.all([...sockets].map((s) => new Promise((r) => s.once("close", r)))), new Promise((r) => setTimeout(r, 1000))]);
       srv?.closeAllConnections();
       await stopped;
     })();
@@ -156,4 +185,10 @@ export function createServer(opts: ServerOptions): Ds3Server {
     },
     modelName,
   };
+}
+
+function positiveInt(v: number | undefined, dflt: number, name: string): number {
+  if (v === undefined) return dflt;
+  if (!Number.isSafeInteger(v) || v < 1) throw new TypeError(`createServer: ${name} must be a positive integer, got ${v}`);
+  return v;
 }

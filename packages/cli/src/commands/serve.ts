@@ -12,10 +12,12 @@ interface Args extends ModelArgs {
   cors?: string[];
   servedModelName?: string;
   maxQueue?: number;
+  requestTimeout?: number;
+  maxConnections?: number;
 }
 
 export const command = "serve";
-export const describe = "OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /metrics)";
+export const describe = "OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, /v1/models, /metrics)";
 
 export function builder(y: Argv): Argv {
   return withOptions(y, modelOptions, mtpOption)
@@ -26,6 +28,8 @@ export function builder(y: Argv): Argv {
       cors: { type: "string", array: true, describe: 'allowed CORS origin (repeatable; "*" for any)', requiresArg: true },
       "served-model-name": { type: "string", describe: "the model id clients send and /v1/models lists", requiresArg: true },
       "max-queue": { describe: "most sequences in flight before requests get 429", coerce: intFlag("max-queue", 1), requiresArg: true },
+      "request-timeout": { describe: "seconds to receive a request's headers and body, else 408 (default 30)", coerce: intFlag("request-timeout", 1), requiresArg: true },
+      "max-connections": { describe: "most open connections; more are closed at once (default 4096)", coerce: intFlag("max-connections", 1), requiresArg: true },
     })
     .example("$0 serve --model DIR --port 8000", "")
     .example("$0 serve --port 0", "the built-in model on a free port (printed on stdout)");
@@ -41,6 +45,8 @@ export async function handler(a: Args): Promise<void> {
       ...(a.cors && { cors: a.cors.includes("*") ? true : a.cors }),
       ...(a.servedModelName !== undefined && { modelName: a.servedModelName }),
       ...(a.maxQueue !== undefined && { maxQueue: a.maxQueue }),
+      ...(a.requestTimeout !== undefined && { requestTimeoutMs: a.requestTimeout * 1000 }),
+      ...(a.maxConnections !== undefined && { maxConnections: a.maxConnections }),
       handleSignals: true,
       onSignal: async (sig) => {
         notice(`${sig}: stopped`);

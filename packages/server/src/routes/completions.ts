@@ -6,7 +6,7 @@ import type { ServerContext } from "../context.js";
 import { invalid } from "../errors.js";
 import { type ChoiceResult, type ChoiceRun, type ChoiceSpec, type Delta, minTokens } from "../generate.js";
 import { type Route, sendJson } from "../http.js";
-import { type Exchange, clampLp, finishMetrics, openChunkStream, tokenName, usage } from "../stream.js";
+import { type ActiveRequest, type Exchange, clampLp, cutError, finishMetrics, openChunkStream, tokenName, usage } from "../stream.js";
 import { type CompletionRequestBody, parseCompletionRequest } from "../validate.js";
 
 /** max_tokens when the request gives none */
@@ -99,6 +99,13 @@ async function completions(ctx: ServerContext, x: Exchange, body: Record<string,
     return { lp, end: off };
   };
 
+  /** cut by shutdown (or the engine stopping): an error, never finish_reason "abort" */
+  const cutCheck = (result: ChoiceResult, active: ActiveRequest) => {
+    if (result.finishReason !== "abort" || active.cancelledBy === "client") return;
+    finishMetrics(metrics, result, "abort");
+    throw cutError(active);
+  };
+
   await ctx.admission.run(x, specs, async (runs, active) => {
     const results: ChoiceResult[] = [];
     if (r.stream) {
@@ -133,6 +140,7 @@ async function completions(ctx: ServerContext, x: Exchange, body: Record<string,
           }
           if (d.text || lp || !table) await out.send(chunk({ index, text: d.text, logprobs: lp, finish_reason: null }));
         });
+        cutCheck(result, active);
         await sendEcho();
         await out.send(chunk({ index, text: "", logprobs: null, finish_reason: result.finishReason }));
         results.push(result);
@@ -146,6 +154,7 @@ async function completions(ctx: ServerContext, x: Exchange, body: Record<string,
     const choices: unknown[] = new Array(specs.length);
     await ctx.admission.runAll(x, runs, active, async (run) => {
       const result = await run.run(() => undefined);
+      cutCheck(result, active);
       const index = run.spec.index;
       const pIds = run.spec.promptIds;
       let text = result.text;
