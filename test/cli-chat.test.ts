@@ -71,6 +71,7 @@ async function generated(message: string, maxTokens: number): Promise<string> {
   return JSON.parse(r.stdout).text as string;
 }
 
+const LOAD_MS = 90_000; // to the first prompt: loading the model on a busy 2-core machine can be slow
 const GREEDY = ["--temperature", "0", "--max-tokens", "8", "--ignore-eos"];
 const CUT = "ds3: (reply cut at 8 tokens)";
 
@@ -94,7 +95,7 @@ describe("chat in a terminal", () => {
   it("answers; Ctrl-C stops the reply, not the program; /reset; /exit exits 0", async () => {
     const pty = chat(["--seed", "3", "--max-tokens", "3000", "--ignore-eos"], freshCache());
     try {
-      let at = await pty.waitFor(/> /);
+      let at = await pty.waitFor(/> /, 0, LOAD_MS);
       pty.type("Hello there\r");
       at = await pty.waitFor(/Hello there\r*\n/, at);
       await pty.waitFor(/[^]{40}/, at); // the reply streams
@@ -121,7 +122,7 @@ describe("chat in a terminal", () => {
     expect(want).not.toBe(await generated("line three", 8)); // the test tells one turn from three
     const pty = chat(GREEDY, freshCache());
     try {
-      let at = await pty.waitFor(/> /);
+      let at = await pty.waitFor(/> /, 0, LOAD_MS);
       pty.type("\x1b[200~line one\rline two\rline three\x1b[201~"); // a terminal's bracketed paste, CR per line
       at = await pty.waitFor(/line three/, at);
       await new Promise((r) => setTimeout(r, 300));
@@ -158,7 +159,7 @@ describe("chat in a terminal", () => {
     const rows = () => screenOf(pty.out, 120);
     const last = (n: number) => rows().slice(-n).join("\n");
     try {
-      await pty.waitFor(/> /);
+      await pty.waitFor(/> /, 0, LOAD_MS);
       pty.type("hello world");
       await until("hello world", () => last(1) === "> hello world", pty);
       pty.type("\x1b[D".repeat(5)); // left x5
@@ -204,7 +205,7 @@ describe("chat in a terminal", () => {
     const rows = () => screenOf(pty.out, 120, 40);
     const lines = Array.from({ length: 60 }, (_, i) => `l${i + 1}`);
     try {
-      await pty.waitFor(/> /);
+      await pty.waitFor(/> /, 0, LOAD_MS);
       pty.type(`\x1b[200~${lines.join("\r")}\x1b[201~`);
       await until("the paste", () => rows().at(-1) === "… l60", pty);
       for (let i = 0; i < 59; i++) pty.type("\x1b[A"); // up to the first line
@@ -230,7 +231,7 @@ describe("chat in a terminal", () => {
     const dir = freshCache();
     const pty = chat(["--seed", "3", "--max-tokens", "3000", "--ignore-eos"], dir);
     try {
-      let at = await pty.waitFor(/> /);
+      let at = await pty.waitFor(/> /, 0, LOAD_MS);
       pty.type("Hello there\r");
       at = await pty.waitFor(/Hello there\r*\n/, at);
       const replyStart = at;
@@ -262,7 +263,7 @@ describe("chat in a terminal", () => {
   it("/help lists every command; an unknown one says so; Ctrl-C twice at the prompt quits", async () => {
     const pty = chat(GREEDY, freshCache());
     try {
-      let at = await pty.waitFor(/> /);
+      let at = await pty.waitFor(/> /, 0, LOAD_MS);
       pty.type("/help\r");
       at = await pty.waitFor(/Ctrl-C[^]*> /, at);
       const help = pty.out.slice(0, at);
@@ -284,7 +285,7 @@ describe("chat in a terminal", () => {
     const file = join(dir, "chat-history.json");
     const one = chat(GREEDY, dir);
     try {
-      let at = await one.waitFor(/> /);
+      let at = await one.waitFor(/> /, 0, LOAD_MS);
       one.type("first zq1\r");
       at = await one.waitFor(/reply cut at 8 tokens[^]*> /, at);
       one.type("\x1b[200~two\rlines\x1b[201~\r");
@@ -300,7 +301,7 @@ describe("chat in a terminal", () => {
 
     const two = chat(GREEDY, dir);
     try {
-      let at = await two.waitFor(/> /);
+      let at = await two.waitFor(/> /, 0, LOAD_MS);
       two.type("\x1b[A");
       at = await two.waitFor(/\/exit/, at);
       two.type("\x1b[A");
@@ -323,7 +324,7 @@ describe("chat in a terminal", () => {
     writeFileSync(file, JSON.stringify({ version: 1, entries: Array.from({ length: 1200 }, (_, i) => `old ${i}`) }));
     const three = chat(GREEDY, dir);
     try {
-      await three.waitFor(/> /);
+      await three.waitFor(/> /, 0, LOAD_MS);
       three.type("/exit\r");
       expect(await three.exited).toBe(0);
     } finally {
@@ -337,7 +338,7 @@ describe("chat in a terminal", () => {
     // /clear-history forgets it, on disk too; --no-history writes nothing
     const four = chat([...GREEDY, "--no-history"], dir);
     try {
-      let at = await four.waitFor(/> /);
+      let at = await four.waitFor(/> /, 0, LOAD_MS);
       four.type("/clear-history\r");
       at = await four.waitFor(/input history cleared[^]*> /, at);
       four.type("/exit\r");
@@ -348,7 +349,7 @@ describe("chat in a terminal", () => {
     expect(readFileSync(file, "utf8")).toContain("old 201"); // --no-history: the file is not touched
     const five = chat(GREEDY, dir);
     try {
-      let at = await five.waitFor(/> /);
+      let at = await five.waitFor(/> /, 0, LOAD_MS);
       five.type("/clear-history\r");
       at = await five.waitFor(/input history cleared[^]*> /, at);
       five.type("\x04"); // Ctrl-D on an empty line quits
@@ -363,7 +364,7 @@ describe("chat in a terminal", () => {
     const dir = freshCache();
     const [a, b] = [chat(GREEDY, dir), chat(GREEDY, dir)];
     try {
-      const at = [await a.waitFor(/> /), await b.waitFor(/> /)];
+      const at = [await a.waitFor(/> /, 0, LOAD_MS), await b.waitFor(/> /, 0, LOAD_MS)];
       const send = async (p: Pty, i: number, text: string) => {
         p.type(`${text}\r`);
         at[i] = await p.waitFor(/unknown command[^]*> /, at[i]); // commands: no model call
@@ -394,7 +395,7 @@ describe("chat in a terminal", () => {
       writeFileSync(file, bad);
       const pty = chat(GREEDY, dir);
       try {
-        let at = await pty.waitFor(/> /);
+        let at = await pty.waitFor(/> /, 0, LOAD_MS);
         expect(pty.out).toMatch(new RegExp(`warning: chat history ${file.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")} is unreadable \\(${why.source}`));
         pty.type("hi\r");
         at = await pty.waitFor(/reply cut at 8 tokens[^]*> /, at);
@@ -410,7 +411,7 @@ describe("chat in a terminal", () => {
     mkdirSync(file);
     const pty = chat(GREEDY, dir);
     try {
-      let at = await pty.waitFor(/> /);
+      let at = await pty.waitFor(/> /, 0, LOAD_MS);
       expect(pty.out).toMatch(/warning: chat history .* is unreadable \(it is a directory\)/);
       pty.type("hi\r");
       at = await pty.waitFor(/reply cut at 8 tokens[^]*> /, at);
@@ -426,7 +427,7 @@ describe("chat in a terminal", () => {
     const want = await generated("Hello from the flag", 8);
     const pty = chat([...GREEDY, "--prompt", "Hello from the flag"], freshCache());
     try {
-      let at = await pty.waitFor(/> Hello from the flag\r*\n/);
+      let at = await pty.waitFor(/> Hello from the flag\r*\n/, 0, LOAD_MS);
       at = await pty.waitFor(/reply cut at 8 tokens[^]*> /, at);
       pty.type("/exit\r");
       expect(await pty.exited).toBe(0);
