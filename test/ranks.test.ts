@@ -2,8 +2,9 @@
 // its slice of the weights and the shared-memory collective; the results must match one rank
 // (LocalExecutor) and the golden reference, and a failing rank must fail the step cleanly.
 import { cpu } from "@ds3/backend-cpu";
-import { type CacheSpec, Checkpoint, type CollectiveBuffers, DS3, Engine, type Executor, LocalExecutor, RankExecutor, type SamplingParams, SharedCollective, type StepInput } from "@ds3/core";
-import { readFileSync } from "node:fs";
+import { type CacheSpec, Checkpoint, type CollectiveBuffers, DS3, Engine, type Executor, LocalExecutor, RankError, RankExecutor, type SamplingParams, SharedCollective, type StepInput } from "@ds3/core";
+import { cpSync, mkdtempSync, readFileSync, rmSync, statSync, truncateSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -262,7 +263,7 @@ describe("RankExecutor at world size 1 (what DS3.load runs at tp 1), and device 
     // calls of the test backend's `sample` op, from any thread
     let deviceRows = 0;
     const channel = new BroadcastChannel(SAMPLE_CHANNEL);
-    channel.onmessage = (m) => (deviceRows += (m as MessageEvent<number>).data);
+    channel.onmessage = (m: unknown) => (deviceRows += (m as { data: number }).data);
     try {
       for (const [backendPackage, device] of [[SAMPLING_BACKEND, true], [BACKEND, false]] as const)
         for (const ws of [1, 2]) {
@@ -323,6 +324,29 @@ describe("RankExecutor at world size 1 (what DS3.load runs at tp 1), and device 
     await expect(DS3.load({ model: DIR, backend: noEntry, executor: "worker" })).rejects.toThrow(/backend no-entry cannot run in a worker thread/);
     // @ts-expect-error a bad value is named
     await expect(DS3.load({ model: DIR, backend: cpu, executor: "gpu" })).rejects.toThrow('executor must be "worker" or "thread", got "gpu"');
+  });
+});
+
+describe("DS3.load at tp 1, model in its worker: load errors", () => {
+  it("a truncated shard fails with the loader's own error (file and tensor), word for word as in this thread", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "ds3-ranks-"));
+    try {
+      cpSync(DIR, dir, { recursive: true });
+      const shard = join(dir, "model-00001-of-00002.safetensors");
+      truncateSync(shard, statSync(shard).size - 1000);
+      const errorOf = (executor: "worker" | "thread") =>
+        DS3.load({ model: dir, backend: cpu, executor, cacheBlocks: 16, onWarning: () => {} }).then(
+          () => null,
+          (e: Error) => e,
+        );
+      const inThread = await errorOf("thread");
+      const inWorker = await errorOf("worker");
+      expect(inThread?.message).toMatch(/model-00001-of-00002\.safetensors, tensor "[^"]+": truncated/);
+      expect(inWorker?.message).toBe(inThread!.message);
+      expect(inWorker).toBeInstanceOf(RankError);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 

@@ -468,10 +468,12 @@ export class RankExecutor implements Executor {
     );
     clearInterval(poll);
     let failure: RankError | null = null;
+    // one rank is the whole model: its error (naming the file and tensor) is the whole story
+    const failedToLoad = (rank: number, m: string) => new RankError(rank, ws === 1 ? m : `RankExecutor: rank ${rank} failed to load: ${m}`);
     for (const [rank, r] of replies.entries()) {
       if (failure) break;
-      if (r.status === "rejected") failure = new RankError(rank, `RankExecutor: rank ${rank} failed to load: ${describe(r.reason)}`);
-      else if (!r.value.ok) failure = new RankError(rank, `RankExecutor: rank ${rank} failed to load: ${r.value.message}`);
+      if (r.status === "rejected") failure = failedToLoad(rank, describe(r.reason));
+      else if (!r.value.ok) failure = failedToLoad(rank, r.value.message);
     }
     if (failure) {
       await Promise.allSettled(pools.map((p) => p.destroy()));
