@@ -49,6 +49,8 @@ export interface ServerOptions {
 export interface Ds3Server {
   /** mount in any node:http stack: (req, res) => void */
   readonly handler: (req: IncomingMessage, res: ServerResponse) => void;
+  /** for a mounting server's 'checkContinue' event (else node sends 100 Continue even to bodies over the limit) */
+  readonly checkContinue: (req: IncomingMessage, res: ServerResponse) => void;
   listen(port?: number, host?: string): Promise<{ host: string; port: number; url: string }>;
   /** stop accepting, let in-flight requests finish within the grace period, cancel the rest */
   close(opts?: { graceMs?: number }): Promise<void>;
@@ -174,6 +176,7 @@ export function createServer(opts: ServerOptions): Ds3Server {
 
   return {
     handler,
+    checkContinue,
     listen,
     close,
     get httpServer() {
