@@ -3,7 +3,9 @@
 // blocked. The backend here (helpers/slow-backend.mjs) is the CPU backend with one op that blocks
 // its thread synchronously for 1.5 s in steps that contain a marker token: in the calling thread
 // (executor "thread") that stalls /health until the step ends; in the worker it must not.
-import { DS3, LocalExecutor, RankExecutor } from "@ds3/core";
+// And the engine's own host work after a step (sampling, logits processors) is cut into slices
+// between which the event loop runs, however much of it a big batch brings.
+import { DS3, Engine, LocalExecutor, RankExecutor } from "@ds3/core";
 import { createServer, type Ds3Server } from "@ds3/server";
 import { request } from "node:http";
 import { fileURLToPath } from "node:url";
@@ -72,5 +74,44 @@ describe("the HTTP event loop while a step runs", () => {
     expect(r.done.status).toBe(200);
     expect(r.health.status).toBe(200);
     expect(r.healthMs).toBeGreaterThan(BLOCK_MS - 300 - 200);
+  });
+});
+
+describe("the engine's host work after a step", () => {
+  it("lets the event loop run between sequences: 10 logits processors of 50 ms each never hold it for the whole 500 ms", async () => {
+    const ex = await RankExecutor.create(DIR, { backendPackage: "@ds3/backend-cpu", cache: { numBlocks: 16, blockSize: 64, dtype: "f32" }, worldSize: 1 });
+    try {
+      const engine = new Engine({ executor: ex, eosIds: [], prefixCaching: false });
+      const prompts = Array.from({ length: 10 }, (_, i) => [3 + i, 40 + i, 90 + i]);
+      const run = (busyMs: number) =>
+        Promise.all(
+          prompts.map(async (promptIds) => {
+            const ids: number[] = [];
+            const logitsProcessor = () => {
+              const t = performance.now();
+              while (performance.now() - t < busyMs); // a slow constraint (e.g. a big grammar)
+            };
+            for await (const ev of engine.generate({ promptIds, sampling: { maxTokens: 3, temperature: 0, ignoreEos: true }, logitsProcessor })) ids.push(...ev.ids);
+            return ids;
+          }),
+        );
+      const plain = await run(0);
+      // the longest gap between ticks of a 5 ms timer while the slow run goes
+      let last = performance.now();
+      let worst = 0;
+      const tick = setInterval(() => {
+        const now = performance.now();
+        worst = Math.max(worst, now - last);
+        last = now;
+      }, 5);
+      const slow = await run(50);
+      clearInterval(tick);
+      expect(slow).toEqual(plain); // same tokens, the processors only took time
+      expect(engine.stats().steps).toBeGreaterThanOrEqual(6); // 3 steps per run, all 10 sequences in each
+      // every step held 10 x 50 ms of host work; the loop got through after each sequence's
+      expect(worst).toBeLessThan(250);
+    } finally {
+      await ex.close();
+    }
   });
 });

@@ -19,6 +19,8 @@ export class EngineError extends Error {
 // Paged blocks with prefix caching
 
 const NO_HASH = -1n;
+/** longest stretch of a step's host work (ms) before the engine lets the event loop run */
+const HOST_SLICE_MS = 10;
 
 class BlockManager {
   readonly refs: Int32Array;
@@ -644,7 +646,7 @@ export class Engine {
     const mtpLogitRows: number[] = [];
     const mtpOwners: Seq[] = [];
     let row0 = 0;
-    plan.forEach((p, si) => {
+    const settle = (p: (typeof plan)[number], si: number): void => {
       const seq = p.seq;
       let { first, count } = rowsOf[si]!;
       const stepRow0 = row0;
@@ -723,7 +725,18 @@ export class Engine {
         mtpLogitRows.push(mtpRows.length - 1);
         mtpOwners.push(seq);
       }
-    });
+    };
+    // host work per sequence (sampling over the vocabulary, logits processors, prompt scoring) adds
+    // up over a big batch: let I/O through every few ms, so that the event loop (an HTTP server on
+    // it) never waits for a whole step's worth of it. A sequence aborted meanwhile is skipped.
+    let slice = performance.now();
+    for (let si = 0; si < plan.length; si++) {
+      settle(plan[si]!, si);
+      if (si + 1 < plan.length && performance.now() - slice > HOST_SLICE_MS) {
+        await new Promise<void>((r) => setImmediate(r));
+        slice = performance.now();
+      }
+    }
 
     if (mtpRows.length) {
       const ml = await this.executor.mtp({
