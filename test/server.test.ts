@@ -382,8 +382,10 @@ describe("server on the built-in model (tokenizer) through the openai client", (
         expect(e.logprob).toBeLessThanOrEqual(0);
         expect(e.top_logprobs[0]!.logprob).toBeGreaterThanOrEqual(e.top_logprobs[1]!.logprob);
         expect(e.logprob).toBeLessThanOrEqual(e.top_logprobs[0]!.logprob + 1e-6);
-        expect(Buffer.from(e.bytes!).toString("utf8").length).toBeGreaterThanOrEqual(0);
+        expect(e.bytes!.length).toBeGreaterThan(0);
       }
+      // the tokens' bytes, concatenated, are exactly the UTF-8 of the message (tokens may split a character)
+      expect(Buffer.from(content.flatMap((e) => e.bytes!)).toString("utf8")).toBe(c.message.content);
     }
     expect(r.usage!.completion_tokens).toBe(total);
     // the same seed gives the same choices
