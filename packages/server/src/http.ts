@@ -250,16 +250,16 @@ export function createHttp(ctx: ServerContext, routes: readonly Route[], o: Http
   function handler(req: IncomingMessage, res: ServerResponse): void {
     const t0 = performance.now();
     let url: URL | null = null;
-    let urlError: unknown = null;
+    let early: ApiError | null = null;
     try {
       url = new URL(req.url ?? "/", "http://localhost");
     } catch {
       // an absolute-form target with a broken host, or no URL at all
-      urlError = new ApiError(400, `invalid request target ${JSON.stringify(String(req.url).slice(0, 200))}`, null, "bad_request");
+      early = new ApiError(400, `invalid request target ${JSON.stringify(String(req.url).slice(0, 200))}`, null, "bad_request");
     }
     // a declared body over the limit: 413 before reading it (and before any 100 Continue)
     const declared = declaredLength(req);
-    if (urlError === null && declared !== null && declared > maxBody) urlError = tooLarge();
+    if (!early && declared !== null && declared > maxBody) early = tooLarge();
     const path = url ? (url.pathname.length > 1 ? url.pathname.replace(/\/+$/, "") : url.pathname) : "";
     const found = url ? find(path) : null;
     const endpoint = found ? found.route.path : "other";
@@ -270,7 +270,7 @@ export function createHttp(ctx: ServerContext, routes: readonly Route[], o: Http
       ctx.metrics.httpRequests.inc({ endpoint, method: req.method ?? "GET", code: String(res.statusCode) });
       ctx.log(`${req.method} ${req.url} ${res.statusCode} ${(performance.now() - t0).toFixed(1)}ms`);
     });
-    const run = url ? dispatch({ req, res, t0 }, url, path, found) : Promise.reject(urlError);
+    const run = early || !url ? Promise.reject(early) : dispatch({ req, res, t0 }, url, path, found);
     run.catch((e) => {
       // a request whose body we did not read: answer, drop the rest of the body, close
       if (e instanceof ApiError && e.status === 413) {
