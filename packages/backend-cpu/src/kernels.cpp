@@ -302,7 +302,7 @@ void mla(Pool& p, const Precision& pr, const float* q, const float* kv, const fl
   // 3. attention per (token, block of heads): each run of cache rows (one cache block) is
   // scored against the block's heads with one gemm; per (token, head, position) the order of
   // every sum is fixed, whatever the batch and however heads are grouped
-  const int64_t HB = std::max<int64_t>(1, std::min<int64_t>(8, (d.heads * T + 2 * p.size() - 1) / (2 * p.size())));
+  const int64_t HB = std::max<int64_t>(1, std::min<int64_t>(8, (d.heads * T + p.size() - 1) / p.size()));
   const int64_t nhb = (d.heads + HB - 1) / HB;
   p.parallel_for(T * nhb, [&](int64_t b, int64_t e) {
     std::vector<float> qa(static_cast<size_t>(HB * C)), qp(static_cast<size_t>(HB * R)), olat(static_cast<size_t>(HB * C)), sc, sr;
@@ -346,12 +346,12 @@ void mla(Pool& p, const Precision& pr, const float* q, const float* kv, const fl
         mx[k] = mk;
         sum[k] = sk;
       }
+      for (int64_t k = 0; k < nh; k++)
+        for (int64_t j = 0; j < n; j++) sc[k * n + j] /= sum[k];
       std::fill(olat.begin(), olat.begin() + nh * C, 0.0f);
       for (int64_t j0 = 0; j0 < n; j0 += bs - j0 % bs) {
         int64_t j1 = std::min(n, (j0 / bs + 1) * bs);
-        const float* rw = run(j0, j1);
-        for (int64_t j = j0; j < j1; j++)
-          for (int64_t k = 0; k < nh; k++) K.axpy(sc[k * n + j] / sum[k], rw + (j - j0) * W, olat.data() + k * C, C);
+        K.wsum(sc.data() + j0, n, nh, run(j0, j1), W, j1 - j0, C, olat.data(), C);
       }
       for (int64_t k = 0; k < nh; k++) {
         float* o = out + t * d.heads * d.v + (h0 + k) * d.v;

@@ -47,6 +47,11 @@ struct Kern {
   float (*dot)(const float* a, const float* b, int64_t n);
   /** y += a * x */
   void (*axpy)(float a, const float* x, float* y, int64_t n);
+  /**
+   * out[k * ldo + c] += sum_j p[k * ldp + j] * rows[j * ldr + c] for k < nh, c < C, the terms added
+   * in j order: bit-identical to one axpy per j, with each row read once for all nh
+   */
+  void (*wsum)(const float* p, int64_t ldp, int64_t nh, const float* rows, int64_t ldr, int64_t n, int64_t C, float* out, int64_t ldo);
   /** y += a * (row r of w), the row decoded in registers: bit-identical to decode + axpy (tmp: w.cols floats) */
   void (*axpy_row)(float a, const WView& w, int64_t r, float* y, float* tmp);
 };

@@ -39,7 +39,7 @@ struct V {
 constexpr int TB = 2;  // 4 x 2 accumulators + 4 weights + 1 input of 16 registers
 }  // namespace
 #include "simd_impl.h"
-const Kern table = {"avx2", decode, gemm, linear, scratch_rows, dot, axpy, axpy_row};
+const Kern table = {"avx2", decode, gemm, linear, scratch_rows, dot, axpy, wsum, axpy_row};
 }  // namespace isa_avx2
 }  // namespace ds3
 #endif

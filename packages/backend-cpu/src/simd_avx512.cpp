@@ -41,7 +41,7 @@ struct V {
 constexpr int TB = 6;  // 4 x 6 accumulators + 4 weights + 1 input = 29 of 32 registers
 }  // namespace
 #include "simd_impl.h"
-const Kern table = {"avx512", decode, gemm, linear, scratch_rows, dot, axpy, axpy_row};
+const Kern table = {"avx512", decode, gemm, linear, scratch_rows, dot, axpy, wsum, axpy_row};
 }  // namespace isa_avx512
 }  // namespace ds3
 #endif

@@ -85,7 +85,7 @@ struct V {
 constexpr int TB = 4;
 }  // namespace
 #include "simd_impl.h"
-const Kern table = {"generic", decode, gemm, linear, scratch_rows, dot, axpy, axpy_row};
+const Kern table = {"generic", decode, gemm, linear, scratch_rows, dot, axpy, wsum, axpy_row};
 }  // namespace isa_generic
 
 // ---- run-time choice --------------------------------------------------------------------

@@ -301,6 +301,43 @@ void axpy(float a, const float* x, float* y, int64_t n) {
   for (; i < n; i++) y[i] += a * x[i];
 }
 
+template <int NK>
+inline void wsum_k(const float* p, int64_t ldp, const float* rows, int64_t ldr, int64_t n, int64_t C, float* out, int64_t ldo) {
+  int64_t c = 0;
+  for (; c + V::L <= C; c += V::L) {
+    typename V::R acc[NK];
+    for (int k = 0; k < NK; k++) acc[k] = V::load(out + k * ldo + c);
+    for (int64_t j = 0; j < n; j++) {
+      const typename V::R r = V::load(rows + j * ldr + c);
+      for (int k = 0; k < NK; k++) acc[k] = V::fma(V::set1(p[k * ldp + j]), r, acc[k]);
+    }
+    for (int k = 0; k < NK; k++) V::store(out + k * ldo + c, acc[k]);
+  }
+  for (; c < C; c++)
+    for (int k = 0; k < NK; k++) {
+      float y = out[k * ldo + c];
+      for (int64_t j = 0; j < n; j++) y += p[k * ldp + j] * rows[j * ldr + c];
+      out[k * ldo + c] = y;
+    }
+}
+
+void wsum(const float* p, int64_t ldp, int64_t nh, const float* rows, int64_t ldr, int64_t n, int64_t C, float* out, int64_t ldo) {
+  for (int64_t k0 = 0; k0 < nh; k0 += 8) {
+    const float* pk = p + k0 * ldp;
+    float* ok = out + k0 * ldo;
+    switch (min64(8, nh - k0)) {
+      case 1: wsum_k<1>(pk, ldp, rows, ldr, n, C, ok, ldo); break;
+      case 2: wsum_k<2>(pk, ldp, rows, ldr, n, C, ok, ldo); break;
+      case 3: wsum_k<3>(pk, ldp, rows, ldr, n, C, ok, ldo); break;
+      case 4: wsum_k<4>(pk, ldp, rows, ldr, n, C, ok, ldo); break;
+      case 5: wsum_k<5>(pk, ldp, rows, ldr, n, C, ok, ldo); break;
+      case 6: wsum_k<6>(pk, ldp, rows, ldr, n, C, ok, ldo); break;
+      case 7: wsum_k<7>(pk, ldp, rows, ldr, n, C, ok, ldo); break;
+      default: wsum_k<8>(pk, ldp, rows, ldr, n, C, ok, ldo); break;
+    }
+  }
+}
+
 void axpy_row(float a, const ds3::WView& w, int64_t r, float* y, float* tmp) {
   const int64_t K = w.cols;
   if (!(w.dtype == 0 && w.scale_ok && w.ocol % V::L == 0)) {
