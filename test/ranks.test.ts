@@ -320,7 +320,7 @@ describe("RankExecutor at world size 1 (what DS3.load runs at tp 1), and device 
     }
     expect(finals[0]).toEqual(finals[1]); // the worker read exactly what the thread reads
     await expect(DS3.load({ model: DIR, backend: cpu, tp: 2, executor: "thread" })).rejects.toThrow('executor "thread" runs one rank; tp 2 needs worker ranks');
-    const noEntry = { name: "no-entry", available: cpu.available, create: cpu.create };
+    const noEntry = { name: "no-entry", apiVersion: cpu.apiVersion, available: cpu.available, devices: cpu.devices, supports: cpu.supports, create: cpu.create };
     await expect(DS3.load({ model: DIR, backend: noEntry, executor: "worker" })).rejects.toThrow(/backend no-entry cannot run in a worker thread/);
     // @ts-expect-error a bad value is named
     await expect(DS3.load({ model: DIR, backend: cpu, executor: "gpu" })).rejects.toThrow('executor must be "worker" or "thread", got "gpu"');

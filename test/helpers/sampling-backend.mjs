@@ -42,6 +42,9 @@ export const samplingCpu = {
   name: "cpu-sampling-test",
   entry: import.meta.url,
   available: () => cpu.available(),
+  apiVersion: cpu.apiVersion,
+  devices: () => cpu.devices(),
+  supports: (op, p) => op === "sample" || cpu.supports(op, p),
   create: (opts) => wrap(cpu.create(opts)),
 };
 export default samplingCpu;

@@ -25,6 +25,9 @@ export const slowCpu = {
   name: "cpu-slow-test",
   entry: import.meta.url,
   available: () => cpu.available(),
+  apiVersion: cpu.apiVersion,
+  devices: () => cpu.devices(),
+  supports: (op, p) => cpu.supports(op, p),
   create: (opts) => wrap(cpu.create(opts)),
 };
 export default slowCpu;

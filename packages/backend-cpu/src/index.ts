@@ -1,6 +1,6 @@
 // @ds3/backend-cpu — the op table of the CPU backend: thin glue around the native addon.
 import { createRequire } from "node:module";
-import { availableParallelism } from "node:os";
+import { availableParallelism, freemem, totalmem } from "node:os";
 import type {
   ActDType,
   AttnMeta,
@@ -8,11 +8,13 @@ import type {
   BackendOptions,
   BackendProvider,
   Collective,
+  DeviceInfo,
   ExpertSet,
   GateConfig,
   HostWeight,
   LatentCache,
   MlaDims,
+  OpName,
   Precision,
   Tensor,
   Weight,
@@ -253,6 +255,8 @@ export function readBandwidth(opts: { mib?: number; threads?: number; reps?: num
 
 export const cpu: BackendProvider = {
   name: "cpu",
+  /** the backend contract this implements (BACKEND_API_VERSION of @ds3/core) */
+  apiVersion: 2,
   entry: import.meta.url,
   available() {
     try {
@@ -261,6 +265,21 @@ export const cpu: BackendProvider = {
     } catch (e) {
       return { ok: false, reason: (e as Error).message };
     }
+  },
+  /** one device, the host: ranks share it (they split its threads and meet in shared memory) */
+  devices(): DeviceInfo[] {
+    let n: Native;
+    try {
+      n = load();
+    } catch {
+      return [];
+    }
+    return [{ index: 0, name: `cpu (${n.hardwareThreads} hardware threads, ${n.isas.split(",")[0] || "generic"})`, memoryTotal: totalmem(), memoryFree: freemem(), shareable: true }];
+  },
+  /** every op at every precision of the contract but `sample` (rank 0 samples on the host) */
+  supports(op: OpName, p: Precision): boolean {
+    if (op === "sample") return false;
+    return (p.activations === "f32" || p.activations === "bf16") && (p.cache === "f32" || p.cache === "bf16") && (p.actQuant === "none" || p.actQuant === "fp8" || p.actQuant === "fp8-ue8m0");
   },
   create(opts?: BackendOptions) {
     return new CpuContext(opts);

@@ -20,6 +20,8 @@ import type {
   Tensor,
   Weight,
   WeightDType,
+  DeviceInfo,
+  OpName,
 } from "@ds3/core";
 import type { GemvTuning, GraphStats, Native, NativeCtx, ProfileEntry, ProbeResult } from "./native.js";
 
@@ -171,13 +173,11 @@ export class CudaContext implements BackendContext {
     this.coll = opts.collective && opts.collective.worldSize > 1 ? opts.collective : null;
     this.device = pr.devices?.find((d) => d.startsWith(`cuda:${dev} `)) ?? `cuda:${dev}`;
     this.ncclVersion = nat.nccl ?? 0;
-    if (this.coll && this.ncclVersion > 0 && (opts.nccl ?? envFlag("DS3_NCCL") ?? true)) {
-      // rank 0 makes the unique id; the host collective hands it to every rank (a sum with zeros elsewhere)
+    if (this.coll && this.ncclVersion > 0 && opts.deviceCollectives !== false && (opts.nccl ?? envFlag("DS3_NCCL") ?? true)) {
+      // rank 0 makes the unique id; the host collective broadcasts its bytes to every rank
       const c = this.coll;
-      const mine = new Float32Array(128);
-      if (c.rank === 0) mine.set(this.n.ncclUniqueId());
-      const all = c.allReduceSum(mine);
-      this.initNccl(Uint8Array.from(all), c.rank, c.worldSize);
+      const id = c.broadcast(c.rank === 0 ? this.n.ncclUniqueId() : undefined);
+      this.initNccl(id, c.rank, c.worldSize);
     }
   }
 
@@ -480,12 +480,34 @@ export function createCudaBackend(opts?: BackendOptions): CudaContext {
   return new CudaContext(opts);
 }
 
+/**
+ * The probe's devices as DeviceInfo. The CUDA runtime applies CUDA_VISIBLE_DEVICES itself: the
+ * indices here are the visible devices, renumbered from 0, which is what `device` takes. Free
+ * memory needs a context on each device, so it is NaN here (unknown).
+ */
+export function cudaDevices(p: ProbeResult = probe()): DeviceInfo[] {
+  if (!p.ok) return [];
+  return (p.devices ?? []).map((d, i) => {
+    const m = /^cuda:(\d+) (.*?) \(.*?([\d.]+) GiB/.exec(d);
+    return { index: m ? Number(m[1]) : i, name: m ? m[2]! : d, memoryTotal: m ? Math.round(Number(m[3]) * 2 ** 30) : NaN, memoryFree: NaN };
+  });
+}
+
 export const cuda: BackendProvider = {
   name: "cuda",
+  /** the backend contract this implements (BACKEND_API_VERSION of @ds3/core) */
+  apiVersion: 2,
   entry: import.meta.url,
   available() {
     const p = probe();
     return p.ok ? { ok: true, devices: p.devices ?? [] } : { ok: false, reason: p.reason ?? "CUDA not available" };
+  },
+  devices() {
+    return cudaDevices();
+  },
+  /** every op of the contract, `sample` included, at every precision of the contract */
+  supports(_op: OpName, p: Precision) {
+    return (p.activations === "f32" || p.activations === "bf16") && (p.cache === "f32" || p.cache === "bf16") && ["none", "fp8", "fp8-ue8m0"].includes(p.actQuant);
   },
   create(opts?: BackendOptions) {
     return new CudaContext(opts);

@@ -98,6 +98,11 @@ export interface Collective {
   allReduceSum(data: Float32Array): Float32Array;
   /** gather equal-size row-major [rows, cols_r] blocks into [rows, sum cols_r] */
   allGatherCols(data: Float32Array, rows: number): Float32Array;
+  /**
+   * Rank 0's bytes, of any length, to every rank (bootstrap data such as an NCCL unique id or
+   * HCCL root info). Every rank calls it; the argument of ranks other than 0 is ignored.
+   */
+  broadcast(bytes?: Uint8Array): Uint8Array;
 }
 
 /** One backend context: a device (or the CPU), its weights, its cache, and the op set. */
@@ -147,19 +152,98 @@ export interface BackendOptions {
   precision?: Partial<Precision>;
   collective?: Collective;
   threads?: number;
+  /** index into the provider's `devices()` (default 0) */
   device?: number;
+  /**
+   * false: collectives go through the host `Collective` even when the backend has device
+   * collectives (NCCL, ...); set when ranks share a device (`shareDevices`). Default: true.
+   */
+  deviceCollectives?: boolean;
 }
+
+/** The version of the backend contract this core implements; a provider states the one it implements. */
+export const BACKEND_API_VERSION = 2;
+
+/** One device a backend can place a rank on (after the vendor's visibility variable, e.g. CUDA_VISIBLE_DEVICES). */
+export interface DeviceInfo {
+  /** what `BackendOptions.device` takes */
+  index: number;
+  name: string;
+  /** bytes */
+  memoryTotal: number;
+  /** bytes free now */
+  memoryFree: number;
+  /**
+   * the device may hold any number of ranks without the `shareDevices` option (the host CPU: ranks
+   * split its threads and meet in shared memory); accelerators leave this unset
+   */
+  shareable?: boolean;
+}
+
+/** The ops of the contract (the methods of BackendContext that the model calls), for `supports`. */
+export const OPS = [
+  "embed",
+  "rmsNorm",
+  "linear",
+  "add",
+  "siluMul",
+  "concat",
+  "slice",
+  "rows",
+  "rope",
+  "mla",
+  "moeGate",
+  "moeExperts",
+  "allReduce",
+  "allGatherCols",
+  "sample",
+] as const;
+export type OpName = (typeof OPS)[number];
+/** Ops a model cannot run without; `sample` is optional (the host samples instead). */
+export const REQUIRED_OPS: readonly OpName[] = OPS.filter((o) => o !== "sample");
 
 /** What a backend package exports. */
 export interface BackendProvider {
   readonly name: string;
+  /** the contract version it implements: BACKEND_API_VERSION of the @ds3/core it was written against */
+  readonly apiVersion: number;
   /** URL of the module that exports this provider as `default` (worker ranks import it by this) */
   readonly entry?: string;
   /** probe without side effects: is the driver/device there? */
   available(): { ok: true; devices: string[] } | { ok: false; reason: string };
+  /** the devices ranks can be placed on (empty when not available), index 0.. */
+  devices(): DeviceInfo[];
+  /** whether `op` runs at `precision` (a backend can come up op by op) */
+  supports(op: OpName, precision: Precision): boolean;
   create(opts?: BackendOptions): BackendContext;
 }
 
 export class BackendError extends Error {
   override name = "BackendError";
+}
+
+/** The provider states this core's contract version (and has the v2 methods), or a clear error. */
+export function checkProvider(p: BackendProvider): BackendProvider {
+  const v = (p as { apiVersion?: unknown }).apiVersion;
+  if (v !== BACKEND_API_VERSION)
+    throw new BackendError(
+      `backend "${p.name}" implements backend contract version ${v === undefined ? "1 (no apiVersion)" : String(v)}, this @ds3/core needs version ${BACKEND_API_VERSION}; install matching versions of @ds3/core and the backend`,
+    );
+  for (const m of ["available", "devices", "supports", "create"] as const)
+    if (typeof (p as unknown as Record<string, unknown>)[m] !== "function") throw new BackendError(`backend "${p.name}" states contract version ${BACKEND_API_VERSION} but has no ${m}()`);
+  return p;
+}
+
+/** Every op in `ops` runs at `precision` on this backend, or an error naming the op and the backend. */
+export function requireOps(p: BackendProvider, precision: Precision, ops: readonly OpName[] = REQUIRED_OPS): void {
+  const missing = ops.filter((o) => !p.supports(o, precision));
+  if (missing.length)
+    throw new BackendError(
+      `backend "${p.name}" does not support op${missing.length > 1 ? "s" : ""} ${missing.join(", ")} at precision activations=${precision.activations} cache=${precision.cache} actQuant=${precision.actQuant}`,
+    );
+}
+
+/** `BackendOptions.precision` filled in with the exact defaults. */
+export function resolvePrecision(p?: Partial<Precision>): Precision {
+  return { ...EXACT, ...p };
 }

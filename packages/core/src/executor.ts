@@ -1,7 +1,8 @@
 // The executor runs the model for the engine: one step description in, logits out.
 // LocalExecutor runs one rank in this thread; RankExecutor (ranks.ts) runs N ranks in
 // worker threads with the same interface. The engine never knows which it has.
-import type { BackendContext, BackendOptions, BackendProvider, DeviceSampling, Tensor } from "./backend.js";
+import { type BackendContext, type BackendOptions, type BackendProvider, checkProvider, type DeviceSampling, requireOps, resolvePrecision, type Tensor } from "./backend.js";
+import { placeRanks } from "./devices.js";
 import { type ModelConfig, parseConfig } from "./config.js";
 import { Transformer } from "./model.js";
 import { Checkpoint } from "./safetensors.js";
@@ -143,6 +144,9 @@ export class LocalExecutor implements Executor {
     readonly opts: ModelLoadOptions,
   ) {
     const cfg = loadConfig(dir);
+    checkProvider(opts.backend);
+    requireOps(opts.backend, resolvePrecision(opts.backendOptions?.precision));
+    if (opts.backendOptions?.device !== undefined) placeRanks(opts.backend, 1, { devices: [opts.backendOptions.device] });
     const ck = Checkpoint.open(dir);
     const total = opts.onWeights ? ck.names().reduce((a, n) => a + ck.info(n).nbytes, 0) : 0;
     let done = 0;

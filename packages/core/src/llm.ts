@@ -2,7 +2,8 @@
 // or the built-in tiny model), then stream completions and chats as text + tokens.
 import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
-import type { BackendOptions, BackendProvider, Precision } from "./backend.js";
+import { type BackendOptions, type BackendProvider, checkProvider, type Precision } from "./backend.js";
+import { placeRanks } from "./devices.js";
 import { Engine, type EngineOptions, type FinishReason, type RequestMetrics, type Drafter } from "./engine.js";
 import { type CacheSpec, type Executor, LocalExecutor, cacheBytesPerBlock, loadConfig } from "./executor.js";
 import { RankExecutor } from "./ranks.js";
@@ -28,6 +29,10 @@ export interface LoadOptions {
    * With `tp` > 1 the ranks always run in workers.
    */
   executor?: "worker" | "thread";
+  /** device per rank (indices into the backend's `devices()`, `--devices 0,1`); default: rank r on device r */
+  devices?: number[];
+  /** allow ranks to share a device (testing on one accelerator; `--share-devices`): device collectives off */
+  shareDevices?: boolean;
   /** cache: block count or byte budget; block size 64; dtype fp32 unless given */
   cacheBlocks?: number;
   cacheBytes?: number;
@@ -89,6 +94,9 @@ export class DS3 {
     if (o.executor === "thread" && tp > 1) throw new Error(`executor "thread" runs one rank; tp ${tp} needs worker ranks`);
     if (o.executor === "worker" && !o.backend.entry) throw new Error(`backend ${o.backend.name} cannot run in a worker thread (it does not say where its module is: BackendProvider.entry)`);
     const inThread = tp === 1 && (o.executor === "thread" || (o.executor === undefined && !o.backend.entry));
+    // the placement, before any weight is read (the ranks check it again where they import the backend)
+    checkProvider(o.backend);
+    const placement = placeRanks(o.backend, tp, { devices: o.devices, shareDevices: o.shareDevices });
     const mtp = o.speculative?.drafter === "mtp";
     const dtype = o.cacheDtype ?? "f32";
     const perBlock = cacheBytesPerBlock(cfg, DEFAULT_BLOCK, dtype, cfg.nMtpLayers > 0 && mtp);
@@ -101,10 +109,12 @@ export class DS3 {
     o.onProgress?.(`loading ${builtin ? "the built-in tiny model" : dir} on ${o.backend.name}${tp > 1 ? ` x${tp} ranks` : ""}`);
     const backendOptions = { ...o.backendOptions, precision: { ...o.backendOptions?.precision, ...o.precision, cache: dtype } };
     const executor: Executor = inThread
-      ? new LocalExecutor(dir, { backend: o.backend, backendOptions, cache, mtp, onWeights: o.onWeights })
+      ? new LocalExecutor(dir, { backend: o.backend, backendOptions: { ...backendOptions, device: placement.devices[0]! }, cache, mtp, onWeights: o.onWeights })
       : await RankExecutor.create(dir, {
           backendPackage: backendEntry(o.backend),
           backendOptions,
+          devices: placement.devices,
+          shareDevices: o.shareDevices,
           cache,
           mtp,
           worldSize: tp,

@@ -6,10 +6,10 @@
 // A task never throws: failures come back as { ok: false } so the driver can tell a rank that
 // failed (the cause) from ranks whose collective was aborted because of it (the consequences).
 import { move, transferableSymbol, valueSymbol } from "piscina";
-import type { BackendContext, BackendProvider, Tensor } from "./backend.js";
+import { type BackendContext, requireOps, resolvePrecision, type Tensor } from "./backend.js";
 import { loadConfig, RowSampler } from "./executor.js";
 import { Transformer } from "./model.js";
-import { CollectiveAbortedError, type FaultInjection, type RankInit, type RankReply, type RankTask, SharedCollective } from "./ranks.js";
+import { CollectiveAbortedError, type FaultInjection, importProvider, type RankInit, type RankReply, type RankTask, SharedCollective } from "./ranks.js";
 import { Checkpoint } from "./safetensors.js";
 
 interface RankState {
@@ -48,13 +48,10 @@ function state(): RankState {
 }
 
 async function init(t: RankInit): Promise<RankReply> {
-  const mod = (await import(t.backendUrl)) as { default?: unknown } & Record<string, unknown>;
-  const isProvider = (x: unknown): x is BackendProvider =>
-    !!x && typeof x === "object" && typeof (x as BackendProvider).create === "function" && typeof (x as BackendProvider).available === "function";
-  const provider = [mod.default, ...Object.values(mod)].find(isProvider);
-  if (!provider) throw new Error(`backend package "${t.backendPackage}" exports no backend provider (an object with create() and available())`);
+  const provider = await importProvider(t.backendUrl, t.backendPackage);
   const avail = provider.available();
   if (!avail.ok) throw new Error(`backend "${provider.name}" is not available: ${avail.reason}`);
+  requireOps(provider, resolvePrecision(t.backendOptions.precision));
   const coll = t.collective ? new SharedCollective(t.collective, t.rank, t.collectiveTimeoutMs) : null;
   const cfg = loadConfig(t.dir);
   const ctx = provider.create({ ...t.backendOptions, collective: coll ?? undefined });

@@ -17,7 +17,8 @@ import { availableParallelism } from "node:os";
 import { dirname, isAbsolute, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { Piscina } from "piscina";
-import type { BackendOptions, Collective } from "./backend.js";
+import { type BackendOptions, type BackendProvider, checkProvider, type Collective, requireOps, resolvePrecision } from "./backend.js";
+import { placeRanks } from "./devices.js";
 import type { ModelConfig } from "./config.js";
 import { type CacheSpec, type Executor, loadConfig, type MtpInput, type StepInput, type StepSampling } from "./executor.js";
 import { checkParallel } from "./model.js";
@@ -36,7 +37,7 @@ const ARRIVALS = 1; // barriers this rank has entered
 const OP_LEN = 2; // [parity*2] = op code, [parity*2 + 1] = message length
 const PER_RANK = 6;
 
-const OPS = ["", "allReduceSum", "allGatherCols"] as const;
+const OPS = ["", "allReduceSum", "allGatherCols", "broadcast (length)", "broadcast"] as const;
 
 /** The shared memory of one SharedCollective group; structured-clone it to every rank. */
 export interface CollectiveBuffers {
@@ -170,6 +171,40 @@ export class SharedCollective implements Collective {
     return out;
   }
 
+  /**
+   * Rank 0's bytes to every rank, any length: first the length (two 24-bit halves, exact in
+   * float32), then the bytes in chunks, copied bit for bit (never summed).
+   */
+  broadcast(bytes?: Uint8Array): Uint8Array {
+    const root = this.rank === 0;
+    if (root && !(bytes instanceof Uint8Array)) throw new TypeError("broadcast: rank 0 must pass the bytes (a Uint8Array)");
+    const hdr = new Float32Array(2);
+    if (root) {
+      hdr[0] = Math.floor(bytes!.length / 2 ** 24);
+      hdr[1] = bytes!.length % 2 ** 24;
+    }
+    const h = this.slots[this.exchange(3, 2, true, hdr)]![0]!;
+    const n = h[0]! * 2 ** 24 + h[1]!;
+    const words = Math.ceil(n / 4);
+    // rank 0's bytes, padded to whole floats, viewed as floats (TypedArray.set of the same type copies bytes)
+    let src = new Float32Array(0);
+    if (root) {
+      const padded = new Uint8Array(words * 4);
+      padded.set(bytes!);
+      src = new Float32Array(padded.buffer);
+    }
+    const out = new Uint8Array(n);
+    let off = 0; // words
+    do {
+      const m = Math.min(this.chunk, words - off);
+      const p = this.exchange(4, words, off === 0, root ? src.subarray(off, off + m) : src);
+      const s0 = this.slots[p]![0]!;
+      out.set(new Uint8Array(s0.buffer, s0.byteOffset, Math.min(m * 4, n - off * 4)), off * 4);
+      off += m;
+    } while (off < words);
+    return out;
+  }
+
   /** Publish this rank's chunk, meet the others; returns the parity whose slots now hold every rank's chunk. */
   private exchange(op: number, n: number, first: boolean, part: Float32Array): number {
     const p = this.seq++ & 1;
@@ -295,6 +330,10 @@ export interface RankExecutorOptions {
   stepTimeoutMs?: number;
   /** floats per rank per collective chunk (default 1 Mi = 4 MiB per rank and parity) */
   collectiveChunk?: number;
+  /** device per rank (indices into the backend's `devices()`); default: rank r on device r */
+  devices?: readonly number[];
+  /** allow ranks to share a device (testing on one accelerator); turns device collectives off */
+  shareDevices?: boolean;
   /** tests only: make one rank throw, exit, or hang at a given step */
   faultInjection?: FaultInjection;
   /**
@@ -387,6 +426,16 @@ function checkpointBytes(dir: string): number {
   }
 }
 
+/** The backend provider a module exports (as default or by name), checked against this core's contract. */
+export async function importProvider(url: string, what = url): Promise<BackendProvider> {
+  const mod = (await import(url)) as { default?: unknown } & Record<string, unknown>;
+  const isProvider = (x: unknown): x is BackendProvider =>
+    !!x && typeof x === "object" && typeof (x as BackendProvider).create === "function" && typeof (x as BackendProvider).available === "function";
+  const provider = [mod.default, ...Object.values(mod)].find(isProvider);
+  if (!provider) throw new Error(`backend package "${what}" exports no backend provider (an object with create() and available())`);
+  return checkProvider(provider);
+}
+
 function describe(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
@@ -398,6 +447,10 @@ export class RankExecutor implements Executor {
   private closing: Promise<void> | null = null;
   private queue: Promise<unknown> = Promise.resolve();
   private busy = 0;
+  /** each rank's device, as its backend context names it (`BackendContext.device`) */
+  rankDevices: string[] = [];
+  /** each rank's device index (into the backend's `devices()`) */
+  placement: number[] = [];
 
   private constructor(
     readonly config: ModelConfig,
@@ -421,6 +474,12 @@ export class RankExecutor implements Executor {
     const f = opts.faultInjection;
     if (f && !(Number.isInteger(f.rank) && f.rank >= 0 && f.rank < ws)) throw new RangeError(`faultInjection.rank ${f.rank} outside [0, ${ws})`);
     const backendUrl = resolveBackendPackage(opts.backendPackage);
+    // the placement is checked here, before any worker starts or any weight is read
+    const provider = await importProvider(backendUrl, opts.backendPackage);
+    const avail = provider.available();
+    if (!avail.ok) throw new Error(`backend "${provider.name}" is not available: ${avail.reason}`);
+    requireOps(provider, resolvePrecision(opts.backendOptions?.precision));
+    const placement = placeRanks(provider, ws, { devices: opts.devices, shareDevices: opts.shareDevices });
     const filename = workerUrl().href;
     const stepTimeoutMs = opts.stepTimeoutMs ?? 300_000;
     if (!(stepTimeoutMs > 0)) throw new RangeError(`stepTimeoutMs must be positive, got ${stepTimeoutMs}`);
@@ -455,7 +514,12 @@ export class RankExecutor implements Executor {
           dir,
           backendUrl,
           backendPackage: opts.backendPackage,
-          backendOptions: { ...opts.backendOptions, threads },
+          backendOptions: {
+            ...opts.backendOptions,
+            threads,
+            device: placement.devices[rank]!,
+            ...(!placement.deviceCollectives && { deviceCollectives: false }),
+          },
           cache: opts.cache,
           mtp: opts.mtp,
           collective: coll,
@@ -480,10 +544,13 @@ export class RankExecutor implements Executor {
       throw failure;
     }
     pollFinal?.();
-    const infos = replies.map((r) => ((r as PromiseFulfilledResult<RankReply>).value as { info?: { canSample: boolean } }).info);
+    const infos = replies.map((r) => ((r as PromiseFulfilledResult<RankReply>).value as { info?: { canSample: boolean; device: string } }).info);
     const info = (replies[0] as PromiseFulfilledResult<RankReply & { ok: true }>).value.info;
     const canSample = infos.every((i) => i?.canSample === true);
-    return new RankExecutor(cfg, opts.cache, ws, info?.backendName ?? opts.backendPackage, info?.hasMtp ?? false, info?.device ?? "", canSample, pools, coll, stepTimeoutMs);
+    const ex = new RankExecutor(cfg, opts.cache, ws, info?.backendName ?? opts.backendPackage, info?.hasMtp ?? false, info?.device ?? "", canSample, pools, coll, stepTimeoutMs);
+    ex.rankDevices = infos.map((i) => i?.device ?? "");
+    ex.placement = placement.devices;
+    return ex;
   }
 
   get vocabSize(): number {

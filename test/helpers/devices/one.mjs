@@ -1,0 +1,2 @@
+import { makeDevicesBackend } from "../devices-backend.mjs";
+export default makeDevicesBackend(import.meta.url, { count: 1 });
