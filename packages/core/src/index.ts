@@ -9,6 +9,7 @@ export * from "./executor.js";
 export * from "./sampling.js";
 export * from "./ranks.js";
 export * from "./devices.js";
+export * from "./conformance.js";
 export * from "./llm.js";
 export * from "./builtin.js";
 export * from "./convert.js";
