@@ -4,7 +4,7 @@
 import { existsSync, readFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
-import type { BackendProvider } from "@ds3/core";
+import { type BackendProvider, checkProvider } from "@ds3/core";
 import { UsageError } from "./ui.js";
 
 export const KNOWN_BACKENDS: Record<string, string> = {
@@ -72,6 +72,11 @@ async function importProvider(name: string): Promise<{ provider?: BackendProvide
   }
   const cand = [mod.default, mod[name], ...Object.values(mod)].find(isProvider);
   if (!cand) return { reason: `${pkg} does not export a backend provider` };
+  try {
+    checkProvider(cand);
+  } catch (e) {
+    return { reason: (e as Error).message };
+  }
   return { provider: cand };
 }
 

@@ -3,7 +3,7 @@
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { join, resolve } from "node:path";
 import type { Argv, Options } from "yargs";
-import { DS3, SamplingError, type SamplingParams, Tokenizer, builtinModelDir, loadConfig, validateSampling } from "@ds3/core";
+import { DS3, SamplingError, type SamplingParams, Tokenizer, builtinModelDir, loadConfig, parseDeviceList, validateSampling } from "@ds3/core";
 import { getBackend } from "./backends.js";
 import { ProgressBar, UsageError, fmtBytes, notice, warn } from "./ui.js";
 
@@ -16,6 +16,8 @@ export interface ModelArgs extends GlobalArgs {
   model?: string;
   backend: string;
   tp: number;
+  devices?: number[];
+  shareDevices?: boolean;
   maxModelLen?: number;
   cacheBlocks?: number;
   cacheBytes?: number;
@@ -37,6 +39,17 @@ export function intFlag(flag: string, min = 0): (v: unknown) => number | undefin
   };
 }
 
+/** yargs coercion for --devices 0,1,2,3 */
+function devicesFlag(v: unknown): number[] | undefined {
+  if (v === undefined) return undefined;
+  if (Array.isArray(v)) throw new UsageError("--devices was given more than once (give one comma-separated list)");
+  try {
+    return parseDeviceList(String(v));
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+}
+
 export function numFlag(flag: string): (v: unknown) => number | undefined {
   return (v: unknown) => {
     if (v === undefined) return undefined;
@@ -51,6 +64,8 @@ export const modelOptions: Record<string, Options> = {
   model: { type: "string", describe: "checkpoint directory (HF layout); default: the built-in tiny model (random weights)", requiresArg: true },
   backend: { type: "string", default: "auto", describe: "backend: auto (the best one found), cpu, cuda, rocm, ascend or a package name (see ds3 inspect)", requiresArg: true },
   tp: { default: 1, describe: "tensor/expert parallel ranks (worker threads, one per device)", coerce: intFlag("tp", 1), requiresArg: true },
+  devices: { type: "string", describe: "device per rank, e.g. 0,1,2,3 (default: rank r on device r of the backend's visible devices)", coerce: devicesFlag, requiresArg: true },
+  "share-devices": { type: "boolean", describe: "let ranks share a device (testing on one GPU); collectives then go through the host" },
   "max-model-len": { describe: "longest sequence (prompt + output) in tokens (default: min(model, 4096))", coerce: intFlag("max-model-len", 1), requiresArg: true },
   "cache-blocks": { describe: "latent cache size in 64-token blocks (default: 4 x max-model-len)", coerce: intFlag("cache-blocks", 1), requiresArg: true },
   "cache-bytes": { describe: "latent cache budget in bytes per rank (instead of --cache-blocks)", coerce: intFlag("cache-bytes", 1), requiresArg: true },
@@ -157,6 +172,8 @@ export async function loadModel(a: ModelArgs, o: { mtp?: boolean } = {}): Promis
     ...(dir && { model: dir }),
     backend,
     tp: a.tp,
+    ...(a.devices !== undefined && { devices: a.devices }),
+    ...(a.shareDevices !== undefined && { shareDevices: a.shareDevices }),
     ...(a.maxModelLen !== undefined && { maxModelLen: a.maxModelLen }),
     ...(a.cacheBlocks !== undefined && { cacheBlocks: a.cacheBlocks }),
     ...(a.cacheBytes !== undefined && { cacheBytes: a.cacheBytes }),

@@ -8,6 +8,7 @@ import * as convert from "./commands/convert.js";
 import * as generate from "./commands/generate.js";
 import * as inspect from "./commands/inspect.js";
 import * as score from "./commands/score.js";
+import * as selftest from "./commands/selftest.js";
 import * as serve from "./commands/serve.js";
 import * as tokenize from "./commands/tokenize.js";
 import { UsageError, printError, ui } from "./ui.js";
@@ -21,7 +22,7 @@ interface Command {
   handler: (a: never) => Promise<void>;
 }
 
-const COMMANDS: Command[] = [chat, generate, score, serve, tokenize, convert, inspect] as unknown as Command[];
+const COMMANDS: Command[] = [chat, generate, score, serve, tokenize, convert, inspect, selftest] as unknown as Command[];
 
 function toModule(c: Command): CommandModule {
   return {
