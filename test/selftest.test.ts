@@ -100,3 +100,43 @@ describe("ds3 --devices / --share-devices", () => {
     expect(junk.stderr).toMatch(/--devices: "gpu1" is not a device index \(a non-negative integer\) in "0,gpu1"/);
   });
 });
+
+describe("ds3 inspect --tp N --devices: the placement plan", () => {
+  const TINY = join(FIXTURES, "tiny-v3");
+  const fake = join(ROOT, "test/helpers/devices-backend.mjs");
+  interface Plan {
+    rank: number;
+    device: { index: number; name: string; memoryFree: number | null };
+    heads: [number, number];
+    experts: [number, number];
+    vocabRows: [number, number];
+    weightBytes: number;
+    cacheBytes: number;
+    fits: boolean | null;
+  }
+
+  it("which rank holds which heads, experts and vocabulary rows, on which device, its bytes, whether it fits", async () => {
+    const r = await ds3(["inspect", "--model", TINY, "--tp", "4", "--devices", "3,2,1,0", "--backend", fake, "--cache-blocks", "10", "--json"]);
+    expect(r.code).toBe(0);
+    const o = JSON.parse(r.stdout) as { model: { bytes: number; config: { nHeads: number; nRoutedExperts: number; vocabSize: number }; plan: Plan[] } };
+    const { plan, config: c } = o.model;
+    expect(plan.map((p) => p.device.index)).toEqual([3, 2, 1, 0]);
+    expect(plan.map((p) => p.device.name)).toEqual(["Fake GPU 3", "Fake GPU 2", "Fake GPU 1", "Fake GPU 0"]);
+    // the ranks' slices tile the heads, experts and vocabulary exactly
+    for (const [k, n] of [["heads", c.nHeads], ["experts", c.nRoutedExperts], ["vocabRows", c.vocabSize]] as const) {
+      expect(plan[0]![k][0]).toBe(0);
+      for (let i = 1; i < 4; i++) expect(plan[i]![k][0]).toBe(plan[i - 1]![k][1]);
+      expect(plan[3]![k][1]).toBe(n);
+    }
+    // every tensor is on some rank, none on all of them in full
+    const sum = plan.reduce((a, p) => a + p.weightBytes, 0);
+    expect(sum).toBeGreaterThanOrEqual(o.model.bytes);
+    for (const p of plan) expect(p.weightBytes).toBeLessThan(o.model.bytes);
+    // 10 blocks of 64 tokens of the latent cache: 4 layers x 64 tokens x (kv_lora 128 + rope 32) x 4 bytes each
+    for (const p of plan) expect(p.cacheBytes).toBe(10 * 4 * 64 * (128 + 32) * 4);
+    for (const p of plan) expect(p.fits).toBe(true);
+    const text = await ds3(["inspect", "--model", TINY, "--tp", "2", "--backend", "cpu", "--cache-blocks", "100000000"]);
+    expect(text.code).toBe(0);
+    expect(text.stdout).toMatch(/rank 1: device 0 \(cpu .*\); heads 2-3, experts 8-15, vocab rows 512-1023; weights [\d.]+ MiB \+ cache [\d.]+ [TP]iB; does NOT fit in [\d.]+ GiB free/);
+  });
+});

@@ -1,14 +1,18 @@
 // ds3 inspect: which backends are here (and why not the others); for a model, its layers,
 // parameters (total / active per token), dtypes and the bytes each rank holds.
 import type { Argv } from "yargs";
-import { Checkpoint, DTYPE_SIZE, type ModelConfig, cacheBytesPerBlock, checkParallel, ensureBuiltinModel, loadConfig } from "@ds3/core";
-import { probeAll } from "../backends.js";
+import { Checkpoint, DTYPE_SIZE, type ModelConfig, cacheBytesPerBlock, checkParallel, ensureBuiltinModel, loadConfig, parseDeviceList, placeRanks } from "@ds3/core";
+import { getBackend, probeAll } from "../backends.js";
 import { intFlag, modelDir } from "../common.js";
-import { fmtBytes, fmtCount, notice } from "../ui.js";
+import { fmtBytes, fmtCount, notice, UsageError } from "../ui.js";
 
 interface Args {
   model?: string;
   tp?: number;
+  devices?: string;
+  shareDevices?: boolean;
+  backend?: string;
+  cacheBlocks?: number;
   json?: boolean;
 }
 
@@ -20,6 +24,10 @@ export function builder(y: Argv): Argv {
     .options({
       model: { type: "string", describe: 'checkpoint directory to describe ("builtin": the built-in model)', requiresArg: true },
       tp: { describe: "tensor/expert parallel size for the bytes-per-rank figure (default: 1, 2, 4, 8)", coerce: intFlag("tp", 1), requiresArg: true },
+      devices: { type: "string", describe: "with --model and --tp: the device per rank for the placement plan (default: rank r on device r)", requiresArg: true },
+      "share-devices": { type: "boolean", describe: "with --devices: let ranks share a device (testing)" },
+      backend: { type: "string", describe: "with --model and --tp: the backend whose devices the plan uses (default: auto)", requiresArg: true },
+      "cache-blocks": { describe: "with the plan: latent cache blocks of 64 tokens per rank (default: as ds3 serve, 4 x min(model, 4096) tokens)", coerce: intFlag("cache-blocks", 1), requiresArg: true },
       json: { type: "boolean", describe: "print one JSON object" },
     })
     .example("$0 inspect", "backends")
@@ -45,7 +53,21 @@ interface ModelReport {
   dtypes: Record<string, { tensors: number; parameters: number; bytes: number }>;
   bytes: number;
   kvCacheBytesPerToken: { f32: number; bf16: number };
-  ranks: Array<{ tp: number; ok: boolean; reason?: string; bytesPerRank?: number }>;
+  ranks: Array<{ tp: number; ok: boolean; reason?: string; bytesPerRank?: number; perRank?: number[] }>;
+  plan?: RankPlan[];
+}
+
+/** One rank of a placement plan: what it holds, on which device, and whether it fits. */
+interface RankPlan {
+  rank: number;
+  device: { index: number; name: string; memoryFree: number | null };
+  heads: [number, number];
+  experts: [number, number];
+  vocabRows: [number, number];
+  weightBytes: number;
+  cacheBytes: number;
+  /** null: the backend cannot tell the device's free memory */
+  fits: boolean | null;
 }
 
 function describeModel(dir: string, tps: number[]): ModelReport {
@@ -91,7 +113,7 @@ function describeModel(dir: string, tps: number[]): ModelReport {
         if (c.split === "expert") per[Math.floor(c.expert! / perRank)]! += t.bytes;
         else for (let r = 0; r < tp; r++) per[r]! += c.split === "split" ? t.bytes / tp : t.bytes;
       }
-      return { tp, ok: true, bytesPerRank: Math.ceil(Math.max(...per)) };
+      return { tp, ok: true, bytesPerRank: Math.ceil(Math.max(...per)), perRank: per.map(Math.ceil) };
     });
     const raw = { ...cfg } as unknown as Record<string, unknown>;
     return {
@@ -127,6 +149,38 @@ export async function handler(a: Args): Promise<void> {
     cfg = loadConfig(dir);
     model = describeModel(dir, a.tp !== undefined ? [a.tp] : [1, 2, 4, 8]);
   }
+  if (model && cfg && (a.devices !== undefined || a.shareDevices || a.backend !== undefined) && a.tp === undefined) throw new UsageError("--devices, --share-devices and --backend make a placement plan: give --tp N too", 2);
+  if (model && cfg && a.tp !== undefined && model.ranks[0]?.ok) {
+    const provider = await getBackend(a.backend ?? "auto");
+    const tp = a.tp;
+    let devices: number[] | undefined;
+    try {
+      devices = a.devices !== undefined ? parseDeviceList(a.devices) : undefined;
+    } catch (e) {
+      throw new UsageError((e as Error).message, 2);
+    }
+    const pl = placeRanks(provider, tp, { devices, shareDevices: a.shareDevices });
+    const blocks = a.cacheBlocks ?? Math.max(16, Math.ceil(Math.min(cfg.maxPositionEmbeddings, 4096) / 64) * 4);
+    const cacheBytes = blocks * cacheBytesPerBlock(cfg, 64, "f32", false);
+    const per = model.ranks[0]!.perRank!;
+    const used = new Map<number, number>(); // bytes per device, when ranks share one
+    per.forEach((b, r) => used.set(pl.devices[r]!, (used.get(pl.devices[r]!) ?? 0) + b + cacheBytes));
+    const range = (n: number, r: number): [number, number] => [(r * n) / tp, ((r + 1) * n) / tp];
+    model.plan = per.map((b, r) => {
+      const d = pl.info[r]!;
+      const free = Number.isFinite(d.memoryFree) ? d.memoryFree : null;
+      return {
+        rank: r,
+        device: { index: d.index, name: d.name, memoryFree: free },
+        heads: range(cfg!.nHeads, r),
+        experts: range(cfg!.nRoutedExperts, r),
+        vocabRows: [Math.floor((r * cfg!.vocabSize) / tp), Math.floor(((r + 1) * cfg!.vocabSize) / tp)],
+        weightBytes: b,
+        cacheBytes,
+        fits: free === null ? null : used.get(d.index)! <= free,
+      };
+    });
+  }
   if (a.json) {
     process.stdout.write(
       JSON.stringify({
@@ -153,6 +207,15 @@ export async function handler(a: Args): Promise<void> {
     lines.push(`  KV (latent) cache per token: ${fmtBytes(m.kvCacheBytesPerToken.f32)} fp32, ${fmtBytes(m.kvCacheBytesPerToken.bf16)} bf16 (all layers)`);
     lines.push("  weights per rank (tensor parallel attention/dense/shared, expert parallel routed experts, vocab parallel embedding/head):");
     for (const r of m.ranks) lines.push(`    tp ${String(r.tp).padEnd(3)} ${r.ok ? fmtBytes(r.bytesPerRank!) : `not possible: ${r.reason}`}`);
+    if (m.plan) {
+      lines.push(`  placement plan (tp ${m.plan.length}, latent cache ${fmtBytes(m.plan[0]!.cacheBytes)} per rank in fp32):`);
+      for (const p of m.plan)
+        lines.push(
+          `    rank ${p.rank}: device ${p.device.index} (${p.device.name}); heads ${p.heads[0]}-${p.heads[1] - 1}, experts ${p.experts[0]}-${p.experts[1] - 1}, vocab rows ${p.vocabRows[0]}-${p.vocabRows[1] - 1}; ` +
+            `weights ${fmtBytes(p.weightBytes)} + cache ${fmtBytes(p.cacheBytes)}; ` +
+            (p.fits === null ? "free memory unknown" : `${p.fits ? "fits" : "does NOT fit"} in ${fmtBytes(p.device.memoryFree!)} free`),
+        );
+    }
   }
   process.stdout.write(lines.join("\n") + "\n");
 }
