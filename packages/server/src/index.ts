@@ -4,7 +4,6 @@ export { ApiError } from "./errors.js";
 export { ServerMetrics, Registry, Counter, Gauge, Histogram } from "./metrics.js";
 export { parseToolCalls, renderToolChat, toolSection, ToolCallStreamParser, type ParsedToolCall, type ToolCallDelta } from "./tools.js";
 export { ReasoningStreamParser, splitReasoning, type ReasoningMode } from "./reasoning.js";
-export { JsonMasker, isJsonObjectPrefix, initialJsonState, stepBytes, isComplete, type JsonState } from "./json.js";
 export { createGrammars, GrammarError, type GrammarSpec, type Grammars, type CompiledGrammar } from "./grammar.js";
 export { tokenTable, ByteStreamDecoder, type TokenTable } from "./tokens.js";
 export { parseChatRequest, parseCompletionRequest, type ChatRequest, type CompletionRequestBody, type ToolDef, type ToolChoice } from "./validate.js";
