@@ -26,40 +26,8 @@ const FILES = ["config.json", "generation_config.json", INDEX, ...SHARDS];
 const golden = loadGolden("tiny-v3");
 const PROMPT = golden.prompts[1]!; // 7 tokens
 
-// transformers' DeepseekV3Config defaults for the fields tiny-v3's config.json sets (see loader.test.ts)
-const DEFAULTS: Record<string, unknown> = {
-  vocab_size: 129280,
-  hidden_size: 7168,
-  intermediate_size: 18432,
-  moe_intermediate_size: 2048,
-  num_hidden_layers: 61,
-  num_attention_heads: 128,
-  num_key_value_heads: 128,
-  n_shared_experts: 1,
-  n_routed_experts: 256,
-  routed_scaling_factor: 2.5,
-  kv_lora_rank: 512,
-  q_lora_rank: 1536,
-  qk_rope_head_dim: 64,
-  v_head_dim: 128,
-  qk_nope_head_dim: 128,
-  n_group: 8,
-  topk_group: 4,
-  num_experts_per_tok: 8,
-  first_k_dense_replace: 3,
-  norm_topk_prob: true,
-  hidden_act: "silu",
-  max_position_embeddings: 4096,
-  rms_norm_eps: 1e-6,
-  bos_token_id: 0,
-  eos_token_id: 1,
-  tie_word_embeddings: false,
-  rope_theta: 10000,
-  rope_scaling: null,
-  topk_method: "noaux_tc",
-  scoring_func: "sigmoid",
-  num_nextn_predict_layers: 0,
-};
+// transformers' DeepseekV3Config defaults (see the fixture, shared with loader.test.ts)
+const DEFAULTS = (JSON.parse(readFileSync(join(FIXTURES, "transformers-deepseek-v3-defaults.json"), "utf8")) as { defaults: Record<string, unknown> }).defaults;
 // fields with no bearing on the logits (not read, or only validated)
 const INERT = ["architectures", "initializer_range", "use_cache", "attention_bias", "attention_dropout", "torch_dtype", "moe_layer_freq", "quantization_config"];
 

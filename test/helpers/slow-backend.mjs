@@ -5,13 +5,21 @@ import { cpu } from "@ds3/backend-cpu";
 
 export const SLOW_TOKEN = 777;
 export const BLOCK_MS = 1500;
+/** BroadcastChannel on which the blocking op says "start" before it blocks and "end" after */
+export const BLOCK_CHANNEL = "ds3-test-slow-backend";
 
 function wrap(ctx) {
   return new Proxy(ctx, {
     get(t, k) {
       if (k === "embed")
         return (table, ids, vocabStart) => {
-          if (ids.includes(SLOW_TOKEN)) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, BLOCK_MS);
+          if (ids.includes(SLOW_TOKEN)) {
+            const ch = new BroadcastChannel(BLOCK_CHANNEL);
+            ch.postMessage("start");
+            Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, BLOCK_MS);
+            ch.postMessage("end");
+            ch.close();
+          }
           return t.embed(table, ids, vocabStart);
         };
       const v = t[k];

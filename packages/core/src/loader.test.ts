@@ -1174,42 +1174,8 @@ describe("config: DeepSeek's config_671B.json form and the HF form", () => {
   });
 });
 
-// transformers' DeepseekV3Config.__init__ defaults (models/deepseek_v3/configuration_deepseek_v3.py), plus the
-// routing fields its model hard-codes and the V3 remote-code config spells out (topk_method "noaux_tc",
-// scoring_func "sigmoid"); num_nextn_predict_layers is not a transformers field (its model has no MTP block)
-const TRANSFORMERS_V3_DEFAULTS = {
-  vocab_size: 129280,
-  hidden_size: 7168,
-  intermediate_size: 18432,
-  moe_intermediate_size: 2048,
-  num_hidden_layers: 61,
-  num_attention_heads: 128,
-  num_key_value_heads: 128,
-  n_shared_experts: 1,
-  n_routed_experts: 256,
-  routed_scaling_factor: 2.5,
-  kv_lora_rank: 512,
-  q_lora_rank: 1536,
-  qk_rope_head_dim: 64,
-  v_head_dim: 128,
-  qk_nope_head_dim: 128,
-  n_group: 8,
-  topk_group: 4,
-  num_experts_per_tok: 8,
-  first_k_dense_replace: 3,
-  norm_topk_prob: true,
-  hidden_act: "silu",
-  max_position_embeddings: 4096,
-  rms_norm_eps: 1e-6,
-  bos_token_id: 0,
-  eos_token_id: 1,
-  tie_word_embeddings: false,
-  rope_theta: 10000,
-  rope_scaling: null,
-  topk_method: "noaux_tc",
-  scoring_func: "sigmoid",
-  num_nextn_predict_layers: 0,
-};
+// transformers' DeepseekV3Config defaults, written from its source independently of config.ts (see the file)
+const TRANSFORMERS_V3_DEFAULTS = (JSON.parse(readFileSync(join(TINY, "..", "transformers-deepseek-v3-defaults.json"), "utf8")) as { defaults: Record<string, unknown> }).defaults;
 
 describe("config: missing fields default as transformers' DeepseekV3Config does (model_type deepseek_v3)", () => {
   const file = join(TINY, "config.json");

@@ -92,6 +92,8 @@ async function loadInstance(): Promise<XG> {
     }
     source = { file, text };
   }
+  // Module#_compile (what require() itself runs) rather than a vm script: the bundle uses dynamic
+  // import(), which only a real CommonJS module resolves; each call is a fresh instance
   const Mod = NodeModule as any;
   const m = new Mod(source.file);
   m.filename = source.file;
