@@ -21,7 +21,7 @@ export interface HostWeight {
 /** Activation precision: fp32 (exact, the golden bound needs it) or bf16 (what accelerators use). */
 export type ActDType = "f32" | "bf16";
 /** Activation quantization in front of FP8 linear layers (DeepSeek's `act_quant`, per token per 128 channels). */
-export type ActQuant = "none" | "fp8" | "fp8-ue8m0";
+export type ActQuant = "none" | "fp8" | "fp8-ue8m0" | "fp8-fnuz";
 
 export interface Precision {
   activations: ActDType;
