@@ -122,6 +122,16 @@ class Context : public Napi::ObjectWrap<Context> {
       if ((w->rows - 1 + w->orow) / 128 >= w->srows || (w->cols - 1 + w->ocol) / 128 >= w->scols)
         throw Napi::RangeError::New(env, "weight scale does not cover the weight's 128x128 blocks");
       w->scale.assign(s, s + w->srows * w->scols);
+      if (pr_.act_quant == 3) {
+        // fp8-fnuz: the weight as the ROCm kernels hold it on gfx942 (fnuz bytes, doubled scales S).
+        // These kernels read a code with the e4m3fn bias (7); a fnuz code is worth exactly half of
+        // that reading, so fnuz(b) * S == fn_reading(b) * (S / 2), exactly: the kernel scale is S / 2.
+        int64_t nan = fp8_fn_to_fnuz(w->data.data(), int64_t(w->data.size()), w->scale.data(), int64_t(w->scale.size()));
+        if (nan)
+          throw Napi::RangeError::New(env, "FP8 weight has " + std::to_string(nan) +
+                                               " NaN codes (0x7f/0xff), which e4m3fnuz cannot represent (fp8-fnuz)");
+        for (float& v : w->scale) v *= 0.5f;
+      }
       for (float v : w->scale) w->scale_ok = w->scale_ok && std::isfinite(v * 1.329227995784916e36f);  // v * 2^120
     }
     return wrap(env, w);

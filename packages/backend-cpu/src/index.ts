@@ -99,6 +99,9 @@ class CpuCache implements LatentCache {
   ) {}
 }
 
+/** the native code of each activation-quantization mode */
+const ACT_QUANT_CODE: Record<Precision["actQuant"], number> = { none: 0, fp8: 1, "fp8-ue8m0": 2, "fp8-fnuz": 3 };
+
 const t = (x: Tensor) => x as CpuTensor;
 const w = (x: Weight) => x as CpuWeight;
 
@@ -115,10 +118,13 @@ export class CpuContext implements BackendContext {
     const nat = load();
     this.precision = { activations: "f32", cache: "f32", actQuant: "none", ...opts.precision };
     const threads = opts.threads ?? Math.max(1, availableParallelism());
+    if (!Object.hasOwn(ACT_QUANT_CODE, this.precision.actQuant))
+      throw new RangeError(`unknown actQuant "${String(this.precision.actQuant)}" (${Object.keys(ACT_QUANT_CODE).join(", ")})`);
     this.n = new nat.Context({
       threads,
       actBf16: this.precision.activations === "bf16",
-      actQuant: this.precision.actQuant === "fp8" ? 1 : this.precision.actQuant === "fp8-ue8m0" ? 2 : 0,
+      // fp8-fnuz: e4m3fnuz activations (max 240) and FP8 weights held as fnuz (0x80 -> 0, scales doubled), as AMD MI300 computes
+      actQuant: ACT_QUANT_CODE[this.precision.actQuant],
       // the kernels' instruction set: the best this CPU runs, or DS3_CPU_ISA=avx512|avx2|generic
       isa: process.env.DS3_CPU_ISA ?? "",
     });
@@ -132,7 +138,11 @@ export class CpuContext implements BackendContext {
     if (hw.dtype === "f8_e4m3") {
       if (!hw.scale || !hw.scaleShape) throw new Error(`${hw.name}: FP8 weight without block scales`);
       const o = hw.scaleOrigin ?? [0, 0];
-      return new CpuWeight(this.n.weight(hw.dtype, r, c, hw.data, hw.scale, hw.scaleShape[0], hw.scaleShape[1], o[0], o[1]), hw.shape, hw.dtype);
+      try {
+        return new CpuWeight(this.n.weight(hw.dtype, r, c, hw.data, hw.scale, hw.scaleShape[0], hw.scaleShape[1], o[0], o[1]), hw.shape, hw.dtype);
+      } catch (e) {
+        throw new (e instanceof RangeError ? RangeError : Error)(`${hw.name}: ${(e as Error).message}`);
+      }
     }
     return new CpuWeight(this.n.weight(hw.dtype, r, c, hw.data), hw.shape, hw.dtype);
   }
@@ -279,7 +289,7 @@ export const cpu: BackendProvider = {
   /** every op at every precision of the contract but `sample` (rank 0 samples on the host) */
   supports(op: OpName, p: Precision): boolean {
     if (op === "sample") return false;
-    return (p.activations === "f32" || p.activations === "bf16") && (p.cache === "f32" || p.cache === "bf16") && (p.actQuant === "none" || p.actQuant === "fp8" || p.actQuant === "fp8-ue8m0");
+    return (p.activations === "f32" || p.activations === "bf16") && (p.cache === "f32" || p.cache === "bf16") && Object.hasOwn(ACT_QUANT_CODE, p.actQuant);
   },
   create(opts?: BackendOptions) {
     return new CpuContext(opts);

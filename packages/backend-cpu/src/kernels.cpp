@@ -47,6 +47,28 @@ float round_fp8e4m3(float x) {
   return std::copysign(std::min(r, 448.0f), x);
 }
 
+float round_fp8e4m3fnuz(float x) {
+  if (std::isnan(x)) return x;
+  float a = std::fabs(x);
+  if (a >= 240.0f) return std::copysign(240.0f, x);
+  int e;
+  std::frexp(a, &e);
+  int ex = std::max(e - 1, -7);        // bias 8: normals from 2^-7, subnormals m * 2^-10 below
+  float q = std::ldexp(1.0f, ex - 3);  // spacing: 3 mantissa bits
+  float r = std::min(std::nearbyint(a / q) * q, 240.0f);  // round half to even
+  return r == 0.0f ? 0.0f : std::copysign(r, x);         // no -0: zero is the one code 0x00
+}
+
+int64_t fp8_fn_to_fnuz(uint8_t* data, int64_t n, float* scale, int64_t ns) {
+  int64_t nan = 0;
+  for (int64_t i = 0; i < n; i++) {
+    if (data[i] == 0x80) data[i] = 0x00;
+    else if ((data[i] & 0x7f) == 0x7f) nan++;
+  }
+  for (int64_t i = 0; i < ns; i++) scale[i] *= 2.0f;
+  return nan;
+}
+
 // ---- pool ---------------------------------------------------------------------------
 Pool::Pool(int n, const Kern* k) : kern_(k ? k : find_kern("auto")) {
   for (int i = 1; i < n; i++) workers_.emplace_back([this, i] { loop(i); });
@@ -164,6 +186,11 @@ void act_quant_rows(float* x, int64_t T, int64_t K, int mode) {
       int64_t e = std::min(K, b + 128);
       float amax = 1e-4f;
       for (int64_t i = b; i < e; i++) amax = std::max(amax, std::fabs(r[i]));
+      if (mode == 3) {  // e4m3fnuz (AMD MI300): max 240
+        float s = amax / 240.0f;
+        for (int64_t i = b; i < e; i++) r[i] = round_fp8e4m3fnuz(r[i] / s) * s;
+        continue;
+      }
       float s = amax / 448.0f;
       if (mode == 2) s = std::exp2(std::ceil(std::log2(s)));
       for (int64_t i = b; i < e; i++) r[i] = round_fp8e4m3(r[i] / s) * s;

@@ -36,6 +36,14 @@ inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 float f16_to_f32(uint16_t h);
 /** round to the nearest e4m3fn value (saturating at +-448), returned as float */
 float round_fp8e4m3(float x);
+/** round to the nearest e4m3fnuz value (bias 8, no inf, no -0; saturating at +-240), returned as float */
+float round_fp8e4m3fnuz(float x);
+/**
+ * An OCP e4m3fn weight as AMD MI300 (gfx942) holds it in e4m3fnuz: byte 0x80 (fn -0, fnuz NaN) becomes
+ * 0x00, every other byte is unchanged, block scales double (a fnuz code is worth half its fn reading).
+ * In place; returns the count of fn NaN codes (0x7f, 0xff), which fnuz cannot represent (the caller refuses).
+ */
+int64_t fp8_fn_to_fnuz(uint8_t* data, int64_t n, float* scale, int64_t ns);
 
 // ---- thread pool --------------------------------------------------------------------
 class Pool {
@@ -90,7 +98,7 @@ struct Weight {
 
 struct Precision {
   bool act_bf16 = false;
-  int act_quant = 0;  // 0 none, 1 fp8, 2 fp8 ue8m0
+  int act_quant = 0;  // 0 none, 1 fp8, 2 fp8 ue8m0, 3 fp8 e4m3fnuz (max 240)
 };
 
 // ---- ops ----------------------------------------------------------------------------
