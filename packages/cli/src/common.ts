@@ -26,6 +26,10 @@ export interface ModelArgs extends GlobalArgs {
   prefillChunk?: number;
   prefixCaching?: boolean;
   mtp?: boolean;
+  nnodes?: number;
+  nodeRank?: number;
+  distInitAddr?: string;
+  distTimeout?: number;
 }
 
 /** yargs coercion for integer flags, with a one-line error naming the flag. */
@@ -74,6 +78,63 @@ export const modelOptions: Record<string, Options> = {
   "prefill-chunk": { describe: "largest prefill chunk of one sequence per step", coerce: intFlag("prefill-chunk", 1), requiresArg: true },
   "prefix-caching": { type: "boolean", default: true, describe: "share the cache blocks of common prompt prefixes (--no-prefix-caching to disable)" },
 };
+
+/** Ranks over several nodes (processes or machines), as SGLang starts them. */
+export const nodeOptions: Record<string, Options> = {
+  nnodes: { describe: "nodes (machines or processes) the ranks span; --tp is the total, tp/nnodes ranks per node", coerce: intFlag("nnodes", 1), requiresArg: true },
+  "node-rank": {
+    describe: "this node's rank: 0 runs the engine (and the server), the others only run their ranks until node 0 ends (no prompt, no port)",
+    coerce: intFlag("node-rank", 0),
+    requiresArg: true,
+  },
+  "dist-init-addr": { type: "string", describe: "HOST:PORT where node 0 listens for the other nodes (the same on every node)", requiresArg: true },
+  "dist-timeout": { describe: "seconds node 0 waits for the others and they retry reaching it (default 300)", coerce: intFlag("dist-timeout", 1), requiresArg: true },
+};
+
+/** Whether these arguments make this process a node other than node 0 (it runs only its ranks). */
+export function isWorkerNode(a: ModelArgs): boolean {
+  return (a.nodeRank ?? 0) > 0;
+}
+
+/** The load options of the node flags. */
+function nodeLoadOptions(a: ModelArgs): { nnodes?: number; nodeRank?: number; distInitAddr?: string; distTimeoutMs?: number } {
+  if (a.nodeRank !== undefined && a.nnodes === undefined) throw new UsageError("--node-rank goes with --nnodes N");
+  if (a.distInitAddr !== undefined && a.nnodes === undefined) throw new UsageError("--dist-init-addr goes with --nnodes N");
+  if (a.nnodes === undefined) return {};
+  if (a.nnodes > 1 && a.distInitAddr === undefined) throw new UsageError(`--nnodes ${a.nnodes} needs --dist-init-addr HOST:PORT (where node 0 listens; the same on every node)`);
+  if ((a.nodeRank ?? 0) >= a.nnodes) throw new UsageError(`--node-rank ${a.nodeRank} is not below --nnodes ${a.nnodes} (node ranks are 0 .. ${a.nnodes - 1})`);
+  if (a.tp % a.nnodes !== 0) throw new UsageError(`--tp ${a.tp} is the total over all nodes and must divide by --nnodes ${a.nnodes} (each node runs tp/nnodes ranks)`);
+  return {
+    nnodes: a.nnodes,
+    nodeRank: a.nodeRank ?? 0,
+    ...(a.distInitAddr !== undefined && { distInitAddr: a.distInitAddr }),
+    ...(a.distTimeout !== undefined && { distTimeoutMs: a.distTimeout * 1000 }),
+  };
+}
+
+/**
+ * A node other than node 0: run this node's ranks for node 0's engine until node 0 ends. Exits
+ * normally when node 0 ends normally; an error (node 0 gone, a mismatch, a failure) is thrown.
+ */
+export async function runWorkerNode(a: ModelArgs): Promise<void> {
+  const dir = modelDir(a.model);
+  const backend = await getBackend(a.backend);
+  const n = nodeLoadOptions(a);
+  const k = n.nodeRank ?? 0;
+  const per = a.tp / (n.nnodes ?? 1);
+  notice(`node ${k} of ${n.nnodes}: runs ranks ${k * per}..${(k + 1) * per - 1} of ${a.tp} for node 0 at ${a.distInitAddr}; no prompt, no port here`);
+  await DS3.runNode({
+    ...(dir && { model: dir }),
+    backend,
+    tp: a.tp,
+    ...n,
+    ...(a.devices !== undefined && { devices: a.devices }),
+    ...(a.shareDevices !== undefined && { shareDevices: a.shareDevices }),
+    ...(a.cacheDtype !== undefined && { cacheDtype: a.cacheDtype as "f32" | "bf16" }),
+    onProgress: (m) => notice(m),
+  });
+  notice(`node 0 ended: node ${n.nodeRank} stops`);
+}
 
 export const mtpOption: Record<string, Options> = {
   mtp: { type: "boolean", describe: "speculative decoding with the checkpoint's MTP layer" },
@@ -182,6 +243,7 @@ export async function loadModel(a: ModelArgs, o: { mtp?: boolean } = {}): Promis
     ...(a.prefillChunk !== undefined && { prefillChunk: a.prefillChunk }),
     ...(a.prefixCaching !== undefined && { prefixCaching: a.prefixCaching }),
     ...((o.mtp ?? a.mtp) && { speculative: { drafter: "mtp" as const } }),
+    ...nodeLoadOptions(a),
     onProgress,
     onWarning: warn,
     onWeights: (done, total) => {
@@ -194,7 +256,7 @@ export async function loadModel(a: ModelArgs, o: { mtp?: boolean } = {}): Promis
   bar?.finish();
   const tok = ds3.tokenizer;
   notice(
-    `loaded ${ds3.modelName} in ${((performance.now() - t0) / 1000).toFixed(1)} s on ${ds3.executor.backendName}${a.tp > 1 ? ` x${a.tp}` : ""}` +
+    `loaded ${ds3.modelName} in ${((performance.now() - t0) / 1000).toFixed(1)} s on ${ds3.executor.backendName}${a.tp > 1 ? ` x${a.tp}` : ""}${(a.nnodes ?? 1) > 1 ? ` over ${a.nnodes} nodes` : ""}` +
       (tok ? `; tokenizer: ${tok.source}` : "; no tokenizer (token ids only)"),
   );
   return ds3;

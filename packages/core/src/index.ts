@@ -8,6 +8,7 @@ export * from "./engine.js";
 export * from "./executor.js";
 export * from "./sampling.js";
 export * from "./ranks.js";
+export * from "./nodes.js";
 export * from "./devices.js";
 export * from "./conformance.js";
 export * from "./llm.js";

@@ -2,10 +2,12 @@
 // or the built-in tiny model), then stream completions and chats as text + tokens.
 import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { type BackendOptions, type BackendProvider, checkProvider, type Precision } from "./backend.js";
+import { type BackendOptions, type BackendProvider, checkProvider, type Precision, resolvePrecision } from "./backend.js";
 import { placeRanks } from "./devices.js";
 import { Engine, type EngineOptions, type FinishReason, type RequestMetrics, type Drafter } from "./engine.js";
 import { type CacheSpec, type Executor, LocalExecutor, cacheBytesPerBlock, loadConfig } from "./executor.js";
+import { checkParallel } from "./model.js";
+import { checkNodeOptions, DEFAULT_DIST_TIMEOUT_MS, ds3Version, modelIdentity, NodeHub, type NodeOptions, runNode } from "./nodes.js";
 import { RankExecutor } from "./ranks.js";
 import { type SampleResult, type SamplingParams, StopMatcher } from "./sampling.js";
 import { type ChatMessage, Tokenizer } from "./tokenizer.js";
@@ -33,6 +35,20 @@ export interface LoadOptions {
   devices?: number[];
   /** allow ranks to share a device (testing on one accelerator; `--share-devices`): device collectives off */
   shareDevices?: boolean;
+  /**
+   * ranks over several nodes (processes or machines; `--nnodes --node-rank --dist-init-addr`):
+   * `tp` is the total, tp/nnodes ranks per node, numbered node-major; `devices` is per node.
+   * DS3.load is node 0 (the engine); the other nodes run `DS3.runNode` with the same options.
+   */
+  nnodes?: number;
+  /** this node's rank (0: the engine and the server); default 0 */
+  nodeRank?: number;
+  /** HOST:PORT where node 0 listens for the other nodes */
+  distInitAddr?: string;
+  /** how long node 0 waits for the other nodes, and they retry reaching it (ms, default 300 000) */
+  distTimeoutMs?: number;
+  /** a step that a rank does not answer within this many ms fails (default 300 000) */
+  stepTimeoutMs?: number;
   /** cache: block count or byte budget; block size 64; dtype fp32 unless given */
   cacheBlocks?: number;
   cacheBytes?: number;
@@ -92,11 +108,18 @@ export class DS3 {
     if (!Number.isInteger(tp) || tp < 1) throw new Error(`--tp must be a positive integer, got ${o.tp}`);
     if (o.executor !== undefined && o.executor !== "worker" && o.executor !== "thread") throw new Error(`executor must be "worker" or "thread", got ${JSON.stringify(o.executor)}`);
     if (o.executor === "thread" && tp > 1) throw new Error(`executor "thread" runs one rank; tp ${tp} needs worker ranks`);
+    const nnodes = o.nnodes ?? 1;
+    const multi = nnodes > 1 || (o.nodeRank ?? 0) > 0;
+    if (multi) {
+      checkNodeOptions(nodeOptions(o), tp);
+      if ((o.nodeRank ?? 0) > 0) throw new Error(`node rank ${o.nodeRank} runs only its ranks, not the engine: call DS3.runNode with these options (ds3 serve/generate --node-rank ${o.nodeRank} do)`);
+      if (o.executor === "thread") throw new Error(`executor "thread" runs one rank in this process; --nnodes ${nnodes} needs worker ranks`);
+    }
     if (o.executor === "worker" && !o.backend.entry) throw new Error(`backend ${o.backend.name} cannot run in a worker thread (it does not say where its module is: BackendProvider.entry)`);
-    const inThread = tp === 1 && (o.executor === "thread" || (o.executor === undefined && !o.backend.entry));
+    const inThread = !multi && tp === 1 && (o.executor === "thread" || (o.executor === undefined && !o.backend.entry));
     // the placement, before any weight is read (the ranks check it again where they import the backend)
     checkProvider(o.backend);
-    const placement = placeRanks(o.backend, tp, { devices: o.devices, shareDevices: o.shareDevices });
+    const placement = placeRanks(o.backend, tp / nnodes, { devices: o.devices, shareDevices: o.shareDevices });
     const mtp = o.speculative?.drafter === "mtp";
     const dtype = o.cacheDtype ?? "f32";
     const perBlock = cacheBytesPerBlock(cfg, DEFAULT_BLOCK, dtype, cfg.nMtpLayers > 0 && mtp);
@@ -108,6 +131,18 @@ export class DS3 {
     const cache: CacheSpec = { numBlocks, blockSize: DEFAULT_BLOCK, dtype };
     o.onProgress?.(`loading ${builtin ? "the built-in tiny model" : dir} on ${o.backend.name}${tp > 1 ? ` x${tp} ranks` : ""}`);
     const backendOptions = { ...o.backendOptions, precision: { ...o.backendOptions?.precision, ...o.precision, cache: dtype } };
+    let nodes: NodeHub | undefined;
+    if (multi) {
+      checkParallel(cfg, tp); // before waiting for anyone
+      const timeoutMs = o.distTimeoutMs ?? DEFAULT_DIST_TIMEOUT_MS;
+      nodes = await NodeHub.listen({
+        addr: o.distInitAddr!,
+        timeoutMs,
+        onProgress: o.onProgress,
+        me: { version: ds3Version(), nnodes, nodeRank: 0, worldSize: tp, model: modelIdentity(dir), backend: o.backend.name, precision: resolvePrecision(backendOptions.precision) },
+      });
+      o.onProgress?.(`all ${nnodes} nodes joined: loading ${tp} ranks (${tp / nnodes} per node)`);
+    }
     const executor: Executor = inThread
       ? new LocalExecutor(dir, { backend: o.backend, backendOptions: { ...backendOptions, device: placement.devices[0]! }, cache, mtp, onWeights: o.onWeights })
       : await RankExecutor.create(dir, {
@@ -118,8 +153,10 @@ export class DS3 {
           cache,
           mtp,
           worldSize: tp,
+          ...(o.stepTimeoutMs !== undefined && { stepTimeoutMs: o.stepTimeoutMs }),
           // one rank has no collective to hang in: no step deadline, as in this thread
           ...(tp === 1 && { stepTimeoutMs: Infinity, onWeights: o.onWeights }),
+          ...(nodes && { nodes }),
         });
     warnUnusedTensors(dir, cfg, o.onWarning);
     let tokenizer: Tokenizer | null = null;
@@ -158,6 +195,34 @@ export class DS3 {
     }
     const name = builtin ? "ds3-builtin-tiny" : dir.split(/[\\/]/).filter(Boolean).pop()!;
     return new DS3(engine, tokenizer, dir, name, builtin, readGenerationConfig(dir));
+  }
+
+  /**
+   * Run the ranks of node `nodeRank` > 0 for node 0's engine (the same options as node 0's
+   * DS3.load: model, backend, tp, nnodes, distInitAddr, devices, precision): joins node 0, loads
+   * this node's ranks when node 0 loads, runs their steps; resolves when node 0 ends normally,
+   * rejects when it ended after a failure, went away, or refused this node (a mismatch).
+   */
+  static async runNode(o: LoadOptions): Promise<void> {
+    const tp = o.tp ?? 1;
+    if (!Number.isInteger(tp) || tp < 1) throw new Error(`--tp must be a positive integer, got ${o.tp}`);
+    const n = nodeOptions(o);
+    checkNodeOptions(n, tp);
+    if (n.nodeRank === 0) throw new Error("node 0 runs the engine: DS3.load (DS3.runNode is for node ranks 1 and up)");
+    const dir = o.model === undefined ? await ensureBuiltinModel({ onProgress: o.onProgress }) : resolve(o.model);
+    if (!existsSync(join(dir, "config.json"))) throw new Error(`${dir}: not a model directory (no config.json)`);
+    checkProvider(o.backend);
+    const precision = { ...o.backendOptions?.precision, ...o.precision, cache: o.cacheDtype ?? "f32" };
+    await runNode({
+      ...n,
+      dir,
+      backendPackage: backendEntry(o.backend),
+      backendOptions: { ...o.backendOptions, precision },
+      worldSize: tp,
+      ...(o.devices && { devices: o.devices }),
+      ...(o.shareDevices !== undefined && { shareDevices: o.shareDevices }),
+      onProgress: o.onProgress,
+    });
   }
 
   /** Sampling: explicit fields win, then generation_config.json, then greedy. */
@@ -232,6 +297,10 @@ function readGenerationConfig(dir: string): SamplingParams {
   } catch (e) {
     throw new Error(`${p}: ${(e as Error).message}`);
   }
+}
+
+function nodeOptions(o: LoadOptions): NodeOptions {
+  return { nnodes: o.nnodes ?? 1, nodeRank: o.nodeRank ?? 0, distInitAddr: o.distInitAddr!, ...(o.distTimeoutMs !== undefined && { distTimeoutMs: o.distTimeoutMs }) };
 }
 
 function backendEntry(b: BackendProvider): string {

@@ -31,11 +31,14 @@ import { Checkpoint } from "./safetensors.js";
 const ABORT = 0; // 0 = healthy; 1 + rank that aborted; worldSize + 1 = the driver (main thread)
 const COUNT = 1; // arrivals at the current barrier
 const GEN = 2; // barrier generation: bumped by the last arrival, waited on by the others
-const HDR = 4; // then per rank: WAITING, ARRIVALS, and 2 x (op, length) for the two parities
+// group spread over nodes: the last local arrival bumps LOCAL_SEQ instead of GEN, the node's link
+// (nodes.ts) exchanges the local slots with the other nodes, fills in theirs and then bumps GEN
+const LOCAL_SEQ = 3;
+const HDR = 4; // then per rank: WAITING, ARRIVALS, and 2 x (op, length, chunk length) for the two parities
 const WAITING = 0; // 1 while this rank waits in a barrier
 const ARRIVALS = 1; // barriers this rank has entered
-const OP_LEN = 2; // [parity*2] = op code, [parity*2 + 1] = message length
-const PER_RANK = 6;
+const OP_LEN = 2; // [parity*3] = op code, [parity*3 + 1] = message length, [parity*3 + 2] = values in this chunk
+const PER_RANK = 8;
 
 const OPS = ["", "allReduceSum", "allGatherCols", "broadcast (length)", "broadcast"] as const;
 
@@ -47,6 +50,86 @@ export interface CollectiveBuffers {
   ctl: SharedArrayBuffer;
   /** 2 parities x worldSize slots x chunk floats */
   data: SharedArrayBuffer;
+  /**
+   * the ranks in this process when the group spans nodes (processes or machines): the others'
+   * slots are filled in by the node link (nodes.ts); absent: every rank is here
+   */
+  local?: { first: number; count: number };
+}
+
+// Atomics.waitAsync (Node 16+; not in this TypeScript lib's declarations)
+const waitAsync = (Atomics as unknown as { waitAsync(a: Int32Array, i: number, v: number, t: number): { async: boolean; value: Promise<string> | string } }).waitAsync;
+
+/** One rank's part of one collective chunk, as the node link moves it between nodes. */
+export interface CollectivePart {
+  rank: number;
+  op: number;
+  n: number;
+  data: Float32Array;
+}
+
+/**
+ * The node's side of a SharedCollective that spans nodes (the link in nodes.ts drives it):
+ * wait for the local ranks to publish a chunk, read their parts, write the other nodes' parts and
+ * release the local ranks.
+ */
+export class CollectivePort {
+  private readonly ctl: Int32Array;
+  private readonly slots: Float32Array[][];
+  private seen = 0;
+  private seq = 0;
+  readonly local: { first: number; count: number };
+
+  constructor(readonly b: CollectiveBuffers) {
+    if (!b.local) throw new Error("CollectivePort: the collective does not span nodes (no local range)");
+    this.local = b.local;
+    this.ctl = new Int32Array(b.ctl);
+    this.slots = [0, 1].map((p) => Array.from({ length: b.worldSize }, (_, r) => new Float32Array(b.data, ((p * b.worldSize + r) * b.chunk) * 4, b.chunk)));
+  }
+
+  get aborted(): boolean {
+    return Atomics.load(this.ctl, ABORT) !== 0;
+  }
+
+  /**
+   * The next chunk the local ranks have all published (its sequence number and their parts),
+   * or null once the group is aborted. Waits without blocking the thread (Atomics.waitAsync).
+   */
+  async next(): Promise<{ seq: number; parts: CollectivePart[] } | null> {
+    for (;;) {
+      if (this.aborted) return null;
+      if (Atomics.load(this.ctl, LOCAL_SEQ) !== this.seen) break;
+      const w = waitAsync(this.ctl, LOCAL_SEQ, this.seen, 1000);
+      if (w.async) await w.value;
+    }
+    this.seen++;
+    const seq = this.seq++;
+    const p = seq & 1;
+    const parts: CollectivePart[] = [];
+    for (let r = this.local.first; r < this.local.first + this.local.count; r++) {
+      const b = HDR + r * PER_RANK + OP_LEN + 3 * p;
+      const m = Atomics.load(this.ctl, b + 2);
+      parts.push({ rank: r, op: Atomics.load(this.ctl, b), n: Atomics.load(this.ctl, b + 1), data: this.slots[p]![r]!.slice(0, m) });
+    }
+    return { seq, parts };
+  }
+
+  /** The other nodes' parts of chunk `seq` (the one next() returned last): write them, release the local ranks. */
+  complete(seq: number, parts: CollectivePart[]): void {
+    if (seq !== this.seq - 1) throw new Error(`CollectivePort: chunk ${seq} completed while chunk ${this.seq - 1} is open`);
+    const p = seq & 1;
+    for (const x of parts) {
+      if (x.data.length > this.b.chunk) throw new Error(`CollectivePort: rank ${x.rank} sent ${x.data.length} values for a chunk of ${this.b.chunk}`);
+      this.slots[p]![x.rank]!.set(x.data);
+      const b = HDR + x.rank * PER_RANK + OP_LEN + 3 * p;
+      Atomics.store(this.ctl, b, x.op);
+      Atomics.store(this.ctl, b + 1, x.n);
+      Atomics.store(this.ctl, b + 2, x.data.length);
+      Atomics.add(this.ctl, HDR + x.rank * PER_RANK + ARRIVALS, 1);
+    }
+    Atomics.add(this.ctl, GEN, 1);
+    Atomics.notify(this.ctl, GEN);
+  }
 }
 
 /** Thrown in a rank whose collective was aborted because another rank (or the driver) failed. */
@@ -72,16 +155,23 @@ export class SharedCollective implements Collective {
   private readonly ctl: Int32Array;
   private readonly slots: Float32Array[][]; // [parity][rank]
   private readonly chunk: number;
+  /** ranks in this process that meet at the barrier (all of them unless the group spans nodes) */
+  private readonly localCount: number;
+  private readonly spansNodes: boolean;
   private seq = 0; // chunks so far (same on every rank): picks the parity
 
-  static allocate(worldSize: number, chunk = 1 << 20): CollectiveBuffers {
+  /** `local`: the ranks in this process when the group spans nodes (see CollectiveBuffers.local). */
+  static allocate(worldSize: number, chunk = 1 << 20, local?: { first: number; count: number }): CollectiveBuffers {
     if (!Number.isInteger(worldSize) || worldSize < 1) throw new RangeError(`world size must be a positive integer, got ${worldSize}`);
     if (!Number.isInteger(chunk) || chunk < 1) throw new RangeError(`collective chunk must be a positive integer, got ${chunk}`);
+    if (local && !(Number.isInteger(local.first) && Number.isInteger(local.count) && local.first >= 0 && local.count >= 1 && local.first + local.count <= worldSize))
+      throw new RangeError(`local ranks [${local.first}, ${local.first + local.count}) outside [0, ${worldSize})`);
     return {
       worldSize,
       chunk,
       ctl: new SharedArrayBuffer((HDR + PER_RANK * worldSize) * 4),
       data: new SharedArrayBuffer(2 * worldSize * chunk * 4),
+      ...(local && { local }),
     };
   }
 
@@ -109,6 +199,9 @@ export class SharedCollective implements Collective {
     if (!Number.isInteger(rank) || rank < 0 || rank >= b.worldSize) throw new RangeError(`rank ${rank} outside [0, ${b.worldSize})`);
     this.worldSize = b.worldSize;
     this.chunk = b.chunk;
+    this.spansNodes = b.local !== undefined;
+    this.localCount = b.local?.count ?? b.worldSize;
+    if (b.local && !(rank >= b.local.first && rank < b.local.first + b.local.count)) throw new RangeError(`rank ${rank} is not one of this node's ranks [${b.local.first}, ${b.local.first + b.local.count})`);
     this.ctl = new Int32Array(b.ctl);
     this.slots = [0, 1].map((p) => Array.from({ length: b.worldSize }, (_, r) => new Float32Array(b.data, ((p * b.worldSize + r) * b.chunk) * 4, b.chunk)));
   }
@@ -210,13 +303,14 @@ export class SharedCollective implements Collective {
     const p = this.seq++ & 1;
     const me = HDR + this.rank * PER_RANK;
     this.slots[p]![this.rank]!.set(part);
-    Atomics.store(this.ctl, me + OP_LEN + 2 * p, op);
-    Atomics.store(this.ctl, me + OP_LEN + 2 * p + 1, n);
+    Atomics.store(this.ctl, me + OP_LEN + 3 * p, op);
+    Atomics.store(this.ctl, me + OP_LEN + 3 * p + 1, n);
+    Atomics.store(this.ctl, me + OP_LEN + 3 * p + 2, part.length);
     this.barrier(OPS[op]!);
     if (first) {
       // every rank must be in the same collective with the same size, or the chunks would not line up
       for (let r = 0; r < this.worldSize; r++) {
-        const b = HDR + r * PER_RANK + OP_LEN + 2 * p;
+        const b = HDR + r * PER_RANK + OP_LEN + 3 * p;
         const rop = Atomics.load(this.ctl, b);
         const rn = Atomics.load(this.ctl, b + 1);
         if (rop !== op || rn !== n) {
@@ -240,11 +334,16 @@ export class SharedCollective implements Collective {
     const me = HDR + this.rank * PER_RANK;
     const mine = Atomics.add(ctl, me + ARRIVALS, 1) + 1;
     const g = Atomics.load(ctl, GEN);
-    if (Atomics.add(ctl, COUNT, 1) === this.worldSize - 1) {
+    if (Atomics.add(ctl, COUNT, 1) === this.localCount - 1) {
       Atomics.store(ctl, COUNT, 0);
-      Atomics.add(ctl, GEN, 1);
-      Atomics.notify(ctl, GEN);
-      return;
+      if (!this.spansNodes) {
+        Atomics.add(ctl, GEN, 1);
+        Atomics.notify(ctl, GEN);
+        return;
+      }
+      // every rank of this node is in: the node link takes it from here and bumps GEN
+      Atomics.add(ctl, LOCAL_SEQ, 1);
+      Atomics.notify(ctl, LOCAL_SEQ);
     }
     Atomics.store(ctl, me + WAITING, 1);
     const deadline = Date.now() + this.timeoutMs;
@@ -341,6 +440,37 @@ export interface RankExecutorOptions {
    * checkpoint); world size 1 only (there the one rank reads the whole checkpoint)
    */
   onWeights?: (done: number, total: number) => void;
+  /**
+   * ranks on other nodes (processes or machines; nodes.ts: NodeHub, already connected): this
+   * node runs ranks [0, perNode) in worker threads, the others run there. `devices` is then
+   * per node (perNode entries).
+   */
+  nodes?: RankNodes;
+}
+
+/** One rank as the driver sees it: a worker thread here (a Piscina pool of one thread), or a rank on another node. */
+export interface RankHandle {
+  run(task: RankTask): Promise<RankReply>;
+  destroy(): Promise<void>;
+}
+
+/** What RankExecutor needs of the nodes when its ranks span nodes (nodes.ts: NodeHub has it). */
+export interface RankNodes {
+  readonly nnodes: number;
+  /** ranks per node; this node (node 0) runs ranks [0, perNode) */
+  readonly perNode: number;
+  /** handles of the ranks on the other nodes: ranks perNode .. worldSize-1 */
+  remoteRanks(): RankHandle[];
+  /** where a rank runs, for messages: "node 1 (10.0.0.2:41234) rank 9" */
+  describe(rank: number): string;
+  /** move this node's collective chunks to and from the other nodes (from now on) */
+  link(coll: CollectiveBuffers): void;
+  /** abort the collective on every node (a rank failed, or a step timed out) */
+  abort(reason: string): void;
+  /** a node was lost (its connection closed): `rank` is its first rank */
+  onLost(f: (rank: number, message: string) => void): void;
+  /** end the other nodes: they exit (non-zero with an error) */
+  close(error?: string): Promise<void>;
 }
 
 /** A rank failed: it threw, its worker exited, or it did not answer in time. */
@@ -355,6 +485,11 @@ export class RankError extends Error {
 }
 
 const WORKER = "rank-worker.js";
+
+/** A rank's worker thread: a Piscina pool of exactly one long-lived thread (see the top of this file). */
+export function newRankThread(): RankHandle {
+  return new Piscina<RankTask, RankReply>({ filename: workerUrl().href, minThreads: 1, maxThreads: 1, idleTimeout: Infinity, concurrentTasksPerWorker: 1 });
+}
 
 /** The built worker next to this module (dist/); from sources (src/), the built one in ../dist. */
 function workerUrl(): URL {
@@ -461,10 +596,22 @@ export class RankExecutor implements Executor {
     readonly device: string,
     /** whether the ranks' backends sample on the device (`sample`); else rank 0 samples in its worker (RowSampler) */
     readonly backendSamples: boolean,
-    private readonly pools: Piscina<RankTask, RankReply>[],
+    private readonly pools: RankHandle[],
     private readonly coll: CollectiveBuffers | null,
     private readonly stepTimeoutMs: number,
-  ) {}
+    private readonly nodes: RankNodes | null = null,
+  ) {
+    nodes?.onLost((rank, message) => {
+      // a node went away between steps: later steps fail at once, /health says why
+      if (!this.broken) this.broken = new RankError(rank, `RankExecutor: ${message}`);
+      if (this.coll) SharedCollective.abort(this.coll);
+    });
+  }
+
+  /** where rank r runs, for messages: "rank 3", or "node 1 (10.0.0.2:41234) rank 3" across nodes */
+  private who(r: number): string {
+    return this.nodes ? this.nodes.describe(r) : `rank ${r}`;
+  }
 
   static async create(dir: string, opts: RankExecutorOptions): Promise<RankExecutor> {
     const ws = opts.worldSize;
@@ -479,16 +626,18 @@ export class RankExecutor implements Executor {
     const avail = provider.available();
     if (!avail.ok) throw new Error(`backend "${provider.name}" is not available: ${avail.reason}`);
     requireOps(provider, resolvePrecision(opts.backendOptions?.precision));
-    const placement = placeRanks(provider, ws, { devices: opts.devices, shareDevices: opts.shareDevices });
-    const filename = workerUrl().href;
+    const nodes = opts.nodes ?? null;
+    if (nodes && nodes.perNode * nodes.nnodes !== ws) throw new RangeError(`RankExecutor: ${nodes.nnodes} nodes x ${nodes.perNode} ranks is not world size ${ws}`);
+    const here = nodes ? nodes.perNode : ws; // ranks in this process: [0, here)
+    const placement = placeRanks(provider, here, { devices: opts.devices, shareDevices: opts.shareDevices });
+    workerUrl(); // a missing build is an error now, not in every worker
     const stepTimeoutMs = opts.stepTimeoutMs ?? 300_000;
     if (!(stepTimeoutMs > 0)) throw new RangeError(`stepTimeoutMs must be positive, got ${stepTimeoutMs}`);
-    const threads = opts.threadsPerRank ?? opts.backendOptions?.threads ?? Math.max(1, Math.floor(availableParallelism() / ws));
-    const coll = ws > 1 ? SharedCollective.allocate(ws, opts.collectiveChunk) : null;
-    const pools = Array.from(
-      { length: ws },
-      () => new Piscina<RankTask, RankReply>({ filename, minThreads: 1, maxThreads: 1, idleTimeout: Infinity, concurrentTasksPerWorker: 1 }),
-    );
+    const threads = opts.threadsPerRank ?? opts.backendOptions?.threads ?? Math.max(1, Math.floor(availableParallelism() / here));
+    const coll = ws > 1 ? SharedCollective.allocate(ws, opts.collectiveChunk, nodes ? { first: 0, count: here } : undefined) : null;
+    // across nodes the link runs from the start: a backend's create() may already broadcast (the NCCL id)
+    if (nodes && coll) nodes.link(coll);
+    const pools: RankHandle[] = [...Array.from({ length: here }, () => newRankThread()), ...(nodes ? nodes.remoteRanks() : [])];
     // weight-reading progress of a single rank: it counts into shared memory, the driver polls
     const progress = opts.onWeights && ws === 1 ? new SharedArrayBuffer(8) : undefined;
     let poll: NodeJS.Timeout | undefined;
@@ -514,10 +663,11 @@ export class RankExecutor implements Executor {
           dir,
           backendUrl,
           backendPackage: opts.backendPackage,
+          // a rank on another node gets its node's own threads, device and collective there (nodes.ts)
           backendOptions: {
             ...opts.backendOptions,
             threads,
-            device: placement.devices[rank]!,
+            device: placement.devices[rank] ?? 0,
             ...(!placement.deviceCollectives && { deviceCollectives: false }),
           },
           cache: opts.cache,
@@ -533,21 +683,24 @@ export class RankExecutor implements Executor {
     clearInterval(poll);
     let failure: RankError | null = null;
     // one rank is the whole model: its error (naming the file and tensor) is the whole story
-    const failedToLoad = (rank: number, m: string) => new RankError(rank, ws === 1 ? m : `RankExecutor: rank ${rank} failed to load: ${m}`);
+    const where = (r: number) => (nodes ? nodes.describe(r) : `rank ${r}`);
+    const failedToLoad = (rank: number, m: string) => new RankError(rank, ws === 1 ? m : `RankExecutor: ${where(rank)} failed to load: ${m}`);
     for (const [rank, r] of replies.entries()) {
       if (failure) break;
       if (r.status === "rejected") failure = failedToLoad(rank, describe(r.reason));
       else if (!r.value.ok) failure = failedToLoad(rank, r.value.message);
     }
     if (failure) {
+      if (coll) SharedCollective.abort(coll);
       await Promise.allSettled(pools.map((p) => p.destroy()));
+      await nodes?.close(failure.message);
       throw failure;
     }
     pollFinal?.();
     const infos = replies.map((r) => ((r as PromiseFulfilledResult<RankReply>).value as { info?: { canSample: boolean; device: string } }).info);
     const info = (replies[0] as PromiseFulfilledResult<RankReply & { ok: true }>).value.info;
     const canSample = infos.every((i) => i?.canSample === true);
-    const ex = new RankExecutor(cfg, opts.cache, ws, info?.backendName ?? opts.backendPackage, info?.hasMtp ?? false, info?.device ?? "", canSample, pools, coll, stepTimeoutMs);
+    const ex = new RankExecutor(cfg, opts.cache, ws, info?.backendName ?? opts.backendPackage, info?.hasMtp ?? false, info?.device ?? "", canSample, pools, coll, stepTimeoutMs, nodes);
     ex.rankDevices = infos.map((i) => i?.device ?? "");
     ex.placement = placement.devices;
     return ex;
@@ -627,6 +780,7 @@ export class RankExecutor implements Executor {
         if (err) {
           this.broken = err;
           if (this.coll) SharedCollective.abort(this.coll); // wake the ranks still blocked in a collective
+          this.nodes?.abort(err.message); // ... on every node
           reject(err);
         } else resolve(first ?? { ok: true, data: null });
       };
@@ -640,7 +794,7 @@ export class RankExecutor implements Executor {
             finish(
               new RankError(
                 culprits[0]!,
-                `RankExecutor: rank ${culprits.join(", ")} did not answer within ${this.stepTimeoutMs} ms (${at})` +
+                `RankExecutor: ${culprits.map((r) => this.who(r)).join(", ")} did not answer within ${this.stepTimeoutMs} ms (${at})` +
                   (waiting.length && stuck.length ? `; rank ${waiting.join(", ")} waiting for it in a collective` : ""),
               ),
             );
@@ -656,14 +810,14 @@ export class RankExecutor implements Executor {
             } else if (rep.aborted) {
               // a consequence, not a cause: keep waiting for the rank that failed (or the deadline)
               aborted ??= new RankError(r, `RankExecutor: ${rep.message} (${at})`);
-            } else return finish(new RankError(r, `RankExecutor: rank ${r} failed at ${at}: ${rep.message}`));
+            } else return finish(new RankError(r, `RankExecutor: ${this.who(r)} failed at ${at}: ${rep.message}`));
             if (left === 0) finish(aborted);
           },
           (e) => {
             answered[r] = true;
             left--;
             const m = describe(e);
-            finish(new RankError(r, `RankExecutor: rank ${r} ${/exited/.test(m) ? "exited" : "failed"} at ${at}: ${m}`));
+            finish(new RankError(r, `RankExecutor: ${this.who(r)} ${/exited/.test(m) ? "exited" : "failed"} at ${at}: ${m}`));
           },
         );
       }
@@ -681,6 +835,7 @@ export class RankExecutor implements Executor {
       }
       if (this.coll) SharedCollective.abort(this.coll);
       await Promise.allSettled(this.pools.map((p) => p.destroy()));
+      await this.nodes?.close(this.broken?.message);
     })();
     return this.closing;
   }

@@ -1,7 +1,7 @@
 // ds3 generate: one prompt, or a file of prompts run as one batch (as DeepSeek's generate.py).
 import type { Argv } from "yargs";
 import type { CompletionChunk, DS3, RequestMetrics, SampleResult, SamplingParams } from "@ds3/core";
-import { type ModelArgs, type SamplingArgs, intFlag, loadModel, positionalText, modelOptions, mtpOption, parseIds, readInput, samplingFrom, samplingOptions, withOptions } from "../common.js";
+import { type ModelArgs, type SamplingArgs, intFlag, isWorkerNode, loadModel, nodeOptions, runWorkerNode, positionalText, modelOptions, mtpOption, parseIds, readInput, samplingFrom, samplingOptions, withOptions } from "../common.js";
 import { UsageError, notice } from "../ui.js";
 
 interface Args extends ModelArgs, SamplingArgs {
@@ -20,7 +20,7 @@ export const command = "generate [prompt]";
 export const describe = "generate from one prompt, or from a file of prompts run as one batch";
 
 export function builder(y: Argv): Argv {
-  return withOptions(y, modelOptions, mtpOption, samplingOptions)
+  return withOptions(y, modelOptions, nodeOptions, mtpOption, samplingOptions)
     .positional("prompt", { type: "string", describe: "prompt text (sent through the chat template as a user message unless --raw)" })
     .options({
       "prompt-ids": { type: "string", describe: "one prompt of comma-separated token ids, e.g. 0,4845,3", requiresArg: true },
@@ -33,7 +33,9 @@ export function builder(y: Argv): Argv {
     })
     .example('$0 generate "Hello"', "the built-in model (noise)")
     .example("$0 generate --model DIR --prompt-ids 0,19923 --temperature 0 --json", "greedy from token ids")
-    .example("$0 generate --model DIR --input-file prompts.txt --json", "a batch");
+    .example("$0 generate --model DIR --input-file prompts.txt --json", "a batch")
+    .example("$0 generate --model DIR --tp 4 --nnodes 2 --node-rank 0 --dist-init-addr 10.0.0.1:5000 --prompt-ids 0,1", "node 0 of two (the prompt and the output are here)")
+    .example("$0 generate --model DIR --tp 4 --nnodes 2 --node-rank 1 --dist-init-addr 10.0.0.1:5000", "node 1: runs ranks 2-3 until node 0 ends");
 }
 
 interface Prompt {
@@ -126,6 +128,7 @@ function specNote(ds3: DS3): string {
 const round = (x: number) => Math.round(x * 1e6) / 1e6;
 
 export async function handler(a: Args): Promise<void> {
+  if (isWorkerNode(a)) return runWorkerNode(a); // node R > 0: its ranks only, no prompt
   a.prompt = positionalText(a, a.prompt);
   checkArgs(a);
   const sampling = samplingFrom(a, { maxTokens: 200 });

@@ -2,7 +2,7 @@
 // streaming, tools, JSON mode, /metrics) on a loaded model.
 import type { Argv } from "yargs";
 import { createServer } from "@ds3/server";
-import { type ModelArgs, intFlag, loadModel, modelOptions, mtpOption, withOptions } from "../common.js";
+import { type ModelArgs, intFlag, isWorkerNode, loadModel, modelOptions, mtpOption, nodeOptions, runWorkerNode, withOptions } from "../common.js";
 import { notice, ui } from "../ui.js";
 
 interface Args extends ModelArgs {
@@ -20,7 +20,7 @@ export const command = "serve";
 export const describe = "OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, /v1/models, /metrics)";
 
 export function builder(y: Argv): Argv {
-  return withOptions(y, modelOptions, mtpOption)
+  return withOptions(y, modelOptions, nodeOptions, mtpOption)
     .options({
       host: { type: "string", default: "127.0.0.1", describe: "address to listen on", requiresArg: true },
       port: { default: 8000, describe: "port (0: any free one)", coerce: intFlag("port", 0), requiresArg: true },
@@ -32,10 +32,13 @@ export function builder(y: Argv): Argv {
       "max-connections": { describe: "most open connections; more are closed at once (default 4096)", coerce: intFlag("max-connections", 1), requiresArg: true },
     })
     .example("$0 serve --model DIR --port 8000", "")
-    .example("$0 serve --port 0", "the built-in model on a free port (printed on stdout)");
+    .example("$0 serve --port 0", "the built-in model on a free port (printed on stdout)")
+    .example("$0 serve --model DIR --tp 16 --nnodes 2 --node-rank 0 --dist-init-addr 10.0.0.1:5000", "node 0 of two 8-GPU machines: the engine and the server")
+    .example("$0 serve --model DIR --tp 16 --nnodes 2 --node-rank 1 --dist-init-addr 10.0.0.1:5000", "node 1: ranks 8-15, no HTTP port; exits when node 0 ends");
 }
 
 export async function handler(a: Args): Promise<void> {
+  if (isWorkerNode(a)) return runWorkerNode(a); // node R > 0: its ranks only, no port
   const ds3 = await loadModel(a);
   let server: ReturnType<typeof createServer>;
   try {
