@@ -1,5 +1,7 @@
-// The native boundary of @ds3/backend-cuda, typed in one place. Device tensors cross as device
-// addresses (plain numbers; every address fits in 53 bits), weights/caches/expert sets as small ids.
+// The native boundary of the GPU backends, typed in one place: ds3_cuda.node (@ds3/backend-cuda,
+// nvcc) and ds3_rocm.node (@ds3/backend-rocm, hipcc) are built from the same sources with this same
+// surface. Device tensors cross as device addresses (plain numbers; every address fits in 53 bits),
+// weights/caches/expert sets as small ids.
 
 export interface ProbeResult {
   ok: boolean;
@@ -116,9 +118,13 @@ export interface GemvTuning {
 }
 
 export interface Native {
+  /** actQuant: 0 none, 1 fp8 (e4m3fn, max 448), 2 fp8 with ue8m0 scales, 3 fp8-fnuz (e4m3fnuz, max 240) */
   Context: new (o: { device: number; actBf16: boolean; actQuant: number; graphs: boolean }) => NativeCtx;
   probe(): ProbeResult;
-  built: "cuda" | "stub";
-  /** NCCL version the addon was built with (0: built without NCCL) */
+  /** what compiled the kernels: nvcc ("cuda"), hipcc ("hip"), nothing ("stub": probe() says why) */
+  built: "cuda" | "hip" | "stub";
+  /** NCCL (CUDA) or RCCL (ROCm) version the addon was built with (0: built without it) */
   nccl?: number;
+  /** HIP builds: the gfx targets the kernels were compiled for (comma separated, e.g. "gfx90a,gfx942") */
+  targets?: string | string[];
 }

@@ -1,5 +1,6 @@
 // Random weights generated on the GPU from a seed (benchmarks at full DeepSeek-V3 width, where no
-// checkpoint can be downloaded and nothing large should cross from the host). The dtypes follow the
+// checkpoint can be downloaded and nothing large should cross from the host), by any GPU backend of
+// the shared layer (gpu-provider.ts: CUDA and ROCm build the same generator). The dtypes follow the
 // released checkpoint: FP8 e4m3 with 128x128 block scales for the projections and experts, BF16 for
 // the embedding, the head and the router; norms are ones; the routing bias is zero, so a random router
 // spreads tokens evenly over the experts.
