@@ -104,6 +104,8 @@ export interface Executor {
   mtp(input: MtpInput): Promise<Float32Array>;
   /** latent cache rows of rank 0 (tests: cache contents) */
   readCache(layer: number, slot: number, count: number): Promise<Float32Array>;
+  /** set once a rank failed or a node was lost (RankExecutor): every further step fails with it; /health reports it */
+  readonly failed?: Error | null;
   close(): Promise<void>;
 }
 
