@@ -184,7 +184,7 @@ class Wire {
     sock.setNoDelay(true);
     sock.setKeepAlive(true, 10_000);
     sock.on("data", (d) => this.feed(d));
-    sock.on("error", (e) => this.end(`connection error: ${(e as NodeJS.ErrnoException).code ?? e.message}`));
+    sock.on("error", (e) => this.end(`connection lost (${(e as NodeJS.ErrnoException).code ?? e.message})`));
     sock.on("close", () => this.end("connection lost"));
   }
 

@@ -3,7 +3,7 @@
 import type { Argv } from "yargs";
 import { createServer } from "@ds3/server";
 import { type ModelArgs, intFlag, isWorkerNode, loadModel, modelOptions, mtpOption, nodeOptions, runWorkerNode, withOptions } from "../common.js";
-import { notice, ui } from "../ui.js";
+import { notice, printError, ui } from "../ui.js";
 
 interface Args extends ModelArgs {
   host: string;
@@ -15,6 +15,9 @@ interface Args extends ModelArgs {
   requestTimeout?: number;
   maxConnections?: number;
 }
+
+/** how long node 0 of a node group keeps answering (503) after the group lost a node, before it exits */
+const EXIT_GRACE_MS = 3_000;
 
 export const command = "serve";
 export const describe = "OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/responses, /v1/messages, /v1/models, /metrics)";
@@ -72,6 +75,20 @@ export async function handler(a: Args): Promise<void> {
   }
   notice(`serving ${server.modelName} at ${addr.url} (OpenAI-compatible: ${addr.url}/v1); Ctrl-C stops`);
   process.stdout.write(`${addr.url}\n`);
+  if ((a.nnodes ?? 1) > 1) {
+    // a group of nodes cannot heal: once a node or rank is lost (the requests in flight failed with
+    // it, /health says it), node 0 stops too, after a few seconds for clients to see the error
+    const watch = setInterval(() => {
+      const failed = ds3.executor.failed;
+      if (!failed) return;
+      clearInterval(watch);
+      printError(failed);
+      notice(`the node group lost a rank: node 0 stops in ${EXIT_GRACE_MS / 1000} s (/health answers 503 until then)`);
+      setTimeout(() => {
+        void server.close({ graceMs: 0 }).finally(() => void ds3.close().finally(() => process.exit(1)));
+      }, EXIT_GRACE_MS).unref();
+    }, 200);
+  }
   // runs until a signal closes it
   await new Promise<never>(() => {});
 }

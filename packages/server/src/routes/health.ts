@@ -1,4 +1,5 @@
-// GET /health: liveness, cheap: no key, no engine work (a Kubernetes liveness probe).
+// GET /health: liveness, cheap: no key, no engine work (a Kubernetes liveness probe); 503 with
+// the reason once the executor failed (a rank died, a node of a multi-node group was lost).
 // GET /health/deep (or /health?deep=1): readiness: one generated token through the engine. It
 // needs the API key when the server has keys, goes through admission like any request (429 when
 // the queue is full), and its result is shared for a few seconds, so a flood of probes costs one
@@ -42,6 +43,8 @@ async function probe(ctx: ServerContext, x: Exchange): Promise<DeepResult> {
 
 async function deepHealth(ctx: ServerContext, x: Exchange): Promise<void> {
   if (ctx.closing) return sendJson(x.res, 503, { status: "shutting_down" });
+  const failed = ctx.engine.executor.failed;
+  if (failed) return sendJson(x.res, 503, { status: "error", model: ctx.modelName, error: failed.message, cached: false });
   let st = lastByServer.get(ctx);
   if (!st) lastByServer.set(ctx, (st = { result: null, running: null }));
   const fresh = st.result && Date.now() - st.result.at < DEEP_HEALTH_TTL_MS ? st.result : null;
@@ -70,6 +73,9 @@ export const healthRoute: Route = {
       m.authorize();
       return deepHealth(ctx, x);
     }
+    // a failed executor (a rank died, a node was lost): unhealthy, with the reason
+    const failed = ctx.engine.executor.failed;
+    if (failed) return sendJson(x.res, 503, { status: "error", model: ctx.modelName, error: failed.message });
     sendJson(x.res, 200, { status: "ok", model: ctx.modelName });
   },
 };

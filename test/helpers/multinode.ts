@@ -1,0 +1,94 @@
+// Child processes of the built CLI (and of node) for the multi-node tests: free ports on
+// 127.0.0.1, a process with its output collected and its exit awaited, and a check that a
+// process is gone.
+import { type ChildProcess, spawn } from "node:child_process";
+import { createServer } from "node:net";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+export const ROOT = fileURLToPath(new URL("../..", import.meta.url));
+export const BIN = join(ROOT, "packages/cli/dist/ds3.js");
+
+/** A port that was free a moment ago (the OS picks it; closed again for the child to take). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+export interface Proc {
+  child: ChildProcess;
+  pid: number;
+  stdout: () => string;
+  stderr: () => string;
+  /** the exit code (a signal counts as 128 + its number: SIGKILL 137) */
+  exited: Promise<number>;
+  /** resolves with stdout once it contains `re` (or rejects when the process exits first) */
+  waitFor(re: RegExp, timeoutMs?: number): Promise<string>;
+}
+
+const SIGNALS: Record<string, number> = { SIGKILL: 9, SIGTERM: 15, SIGINT: 2 };
+
+/** Start `node args...` (args[0] is the script: the CLI's BIN or a helper). */
+export function start(args: string[], env: NodeJS.ProcessEnv = {}): Proc {
+  const child = spawn(process.execPath, args, { cwd: ROOT, env: { ...process.env, HTTP_PROXY: "http://127.0.0.1:9", HTTPS_PROXY: "http://127.0.0.1:9", ...env } });
+  let out = "";
+  let err = "";
+  child.stdout!.on("data", (d) => (out += d));
+  child.stderr!.on("data", (d) => (err += d));
+  const exited = new Promise<number>((resolve) => child.on("exit", (code, sig) => resolve(code ?? 128 + (SIGNALS[sig ?? ""] ?? 1))));
+  return {
+    child,
+    pid: child.pid!,
+    stdout: () => out,
+    stderr: () => err,
+    exited,
+    waitFor(re, timeoutMs = 60_000) {
+      return new Promise((resolve, reject) => {
+        const t = setTimeout(() => reject(new Error(`no ${re} within ${timeoutMs} ms; stderr:\n${err}`)), timeoutMs);
+        const check = () => {
+          if (re.test(out)) {
+            clearTimeout(t);
+            child.stdout!.off("data", check);
+            resolve(out);
+          }
+        };
+        child.stdout!.on("data", check);
+        void exited.then((c) => {
+          clearTimeout(t);
+          reject(new Error(`exited ${c} before ${re}; stderr:\n${err}`));
+        });
+        check();
+      });
+    },
+  };
+}
+
+/** The CLI: `ds3 args...` */
+export const ds3 = (args: string[]) => start([BIN, ...args]);
+
+/** Whether a process id is still there (signal 0 probes without sending anything). */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Wait for a promise, at most `ms` (then reject naming `what`): no test hangs on a stuck child. */
+export function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`${what}: not within ${ms} ms`)), ms);
+    p.then(
+      (v) => (clearTimeout(t), resolve(v)),
+      (e) => (clearTimeout(t), reject(e)),
+    );
+  });
+}

@@ -1,0 +1,208 @@
+// Ranks across nodes (issue 15), as a user starts them: every node is a real child process of
+// the built CLI (node 0 also through the API in a helper script), on 127.0.0.1 with free ports,
+// CPU ranks meeting in the cross-process collective. Checked against the golden files and a
+// one-node run; a node killed mid-stream must fail the request with the node named and leave
+// no process behind; mismatched nodes must fail at startup on both sides.
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { comparableGreedyPrefix, FIXTURES, loadGolden, maxAbsDiff } from "./helpers/golden.js";
+import { alive, ds3, freePort, type Proc, ROOT, start, within } from "./helpers/multinode.js";
+
+const TINY = join(FIXTURES, "tiny-v3");
+const BF16 = join(FIXTURES, "tiny-v3-bf16");
+const LOGITS = join(ROOT, "test/helpers/multinode-logits.mjs");
+const golden = loadGolden("tiny-v3");
+const V = golden.vocab;
+
+let tmp: string;
+const procs: Proc[] = [];
+const track = (p: Proc) => (procs.push(p), p);
+
+beforeAll(() => {
+  tmp = mkdtempSync(join(tmpdir(), "ds3-multinode-"));
+});
+afterEach(() => {
+  // nothing outlives a test, whatever it asserted
+  for (const p of procs.splice(0)) if (alive(p.pid)) p.child.kill("SIGKILL");
+});
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+const nodeFlags = (tp: number, rank: number, addr: string) => ["--model", TINY, "--tp", String(tp), "--nnodes", "2", "--node-rank", String(rank), "--dist-init-addr", addr, "--dist-timeout", "60"];
+
+describe.each([2, 4])("tp %i over two node processes", (tp) => {
+  it(`gives the golden logits of tiny-v3 (1e-3), bit-identical to tp ${tp} in one process`, async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const out = join(tmp, `logits-${tp}.f32`);
+    const n1 = track(ds3(["generate", ...nodeFlags(tp, 1, addr)]));
+    const n0 = track(start([LOGITS, TINY, String(tp), "2", addr, out, "--one-node"]));
+    expect(await within(n0.exited, 60_000, "node 0"), n0.stderr()).toBe(0);
+    expect(await within(n1.exited, 10_000, "node 1"), n1.stderr()).toBe(0);
+    // node 1 ran ranks tp/2 .. tp-1 and said so; it stopped when node 0 ended
+    expect(n1.stderr()).toContain(`runs ranks ${tp / 2}..${tp - 1} of ${tp}`);
+    expect(n1.stderr()).toMatch(/node 0 ended: node 1 stops/);
+    const multi = readFileSync(out);
+    const one = readFileSync(`${out}.one`);
+    // the same rank-order sums as on one node: not close, equal
+    expect(multi.equals(one)).toBe(true);
+    const got = new Float32Array(multi.buffer, multi.byteOffset, multi.byteLength / 4);
+    let off = 0;
+    for (const p of golden.prompts) {
+      const n = p.ids.length * V;
+      expect(maxAbsDiff(got.subarray(off, off + n), p.logits), `${p.ids.length} tokens`).toBeLessThan(1e-3);
+      off += n;
+    }
+    expect(off).toBe(got.length);
+  });
+
+  it("gives the golden greedy ids through ds3 generate (every golden prompt, one batch)", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const file = join(tmp, `prompts-${tp}.txt`);
+    writeFileSync(file, golden.prompts.map((p) => p.ids.join(",")).join("\n") + "\n");
+    const n1 = track(ds3(["generate", ...nodeFlags(tp, 1, addr)]));
+    const n0 = track(ds3(["generate", ...nodeFlags(tp, 0, addr), "--input-file", file, "--ids", "--temperature", "0", "--max-tokens", "24", "--json"]));
+    expect(await within(n0.exited, 60_000, "node 0"), n0.stderr()).toBe(0);
+    expect(await within(n1.exited, 10_000, "node 1"), n1.stderr()).toBe(0);
+    expect(n0.stderr()).toContain(`over 2 nodes`);
+    const rows = n0
+      .stdout()
+      .split("\n")
+      .filter((l) => l.trim())
+      .map((l) => JSON.parse(l) as { token_ids: number[] });
+    expect(rows).toHaveLength(golden.prompts.length);
+    golden.prompts.forEach((p, i) => {
+      const k = comparableGreedyPrefix(p);
+      expect(rows[i]!.token_ids.slice(0, k), `prompt ${i}`).toEqual(p.greedy.slice(0, k));
+    });
+  });
+});
+
+describe("ds3 serve with a second node", () => {
+  it("serves completions from node 0; killing node 1 mid-stream fails the stream naming the node, /health turns 503, node 0 exits, no process is left", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const n0 = track(ds3(["serve", ...nodeFlags(2, 0, addr), "--port", "0"]));
+    const n1 = track(ds3(["serve", ...nodeFlags(2, 1, addr)]));
+    const url = (await n0.waitFor(/http:\/\/\S+\n/)).trim();
+    expect(n1.stdout()).toBe(""); // node 1 opens no port and prints no URL
+
+    // a real completion through the server on node 0, the ranks on both nodes
+    const p = golden.prompts[1]!;
+    const k = comparableGreedyPrefix(p);
+    const res = await fetch(`${url}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ prompt: p.ids, max_tokens: k, temperature: 0, ignore_eos: true, logprobs: 1, return_tokens_as_token_ids: true }),
+    });
+    expect(res.status).toBe(200);
+    const body = (await res.json()) as { choices: Array<{ logprobs: { tokens: string[] } }> };
+    expect(body.choices[0]!.logprobs.tokens).toEqual(p.greedy.slice(0, k).map((id) => `token_id:${id}`));
+    expect((await fetch(`${url}/health`)).status).toBe(200);
+
+    // a long stream; node 1 dies after its first tokens
+    const stream = await fetch(`${url}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ prompt: p.ids, max_tokens: 3000, temperature: 0, ignore_eos: true, stream: true }),
+    });
+    expect(stream.status).toBe(200);
+    const reader = stream.body!.getReader();
+    const dec = new TextDecoder();
+    let sse = "";
+    let killed = false;
+    for (;;) {
+      const { value, done } = await within(reader.read(), 30_000, "the stream");
+      if (done) break;
+      sse += dec.decode(value, { stream: true });
+      if (!killed && (sse.match(/^data: /gm) ?? []).length >= 3) {
+        killed = true;
+        n1.child.kill("SIGKILL");
+      }
+    }
+    expect(killed).toBe(true);
+    const events = sse
+      .split("\n")
+      .filter((l) => l.startsWith("data: ") && l !== "data: [DONE]")
+      .map((l) => JSON.parse(l.slice(6)) as { error?: { message: string } });
+    const err = events.find((e) => e.error)?.error;
+    expect(err, `no error event in:\n${sse.slice(-500)}`).toBeDefined();
+    // the error names the node (its address) and the rank
+    expect(err!.message).toMatch(/node 1 \(127\.0\.0\.1:\d+\) rank 1 failed at step \d+: connection lost/);
+    expect(events.filter((e) => !e.error).length).toBeLessThan(3000); // cut short, not finished
+
+    // /health says why until node 0 stops
+    const h = await fetch(`${url}/health`);
+    expect(h.status).toBe(503);
+    expect(((await h.json()) as { error: string }).error).toMatch(/node 1 \(127\.0\.0\.1:\d+\) rank 1/);
+    expect(await within(n0.exited, 20_000, "node 0 exit")).toBe(1);
+    expect(n0.stderr()).toMatch(/node 0 stops/);
+    expect(await n1.exited).toBe(137);
+    expect(alive(n0.pid)).toBe(false);
+    expect(alive(n1.pid)).toBe(false);
+  });
+
+  it("node 0 going away ends node 1 with an error naming node 0", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const n0 = track(ds3(["serve", ...nodeFlags(2, 0, addr), "--port", "0"]));
+    const n1 = track(ds3(["serve", ...nodeFlags(2, 1, addr)]));
+    await n0.waitFor(/http:\/\/\S+\n/);
+    n0.child.kill("SIGKILL");
+    expect(await within(n1.exited, 20_000, "node 1 exit")).toBe(1);
+    expect(n1.stderr()).toContain(`node 0 (${addr}): connection lost`);
+    expect(alive(n1.pid)).toBe(false);
+  });
+});
+
+describe("startup errors", () => {
+  const both = async (a: string[], b: string[]) => {
+    const n0 = track(ds3(a));
+    const n1 = track(ds3(b));
+    const [c0, c1] = await within(Promise.all([n0.exited, n1.exited]), 60_000, "both nodes");
+    return { c0, c1, e0: n0.stderr(), e1: n1.stderr() };
+  };
+
+  it("mismatched world sizes fail on both nodes, naming the field and both values", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const r = await both(["generate", ...nodeFlags(2, 0, addr), "--prompt-ids", "0,1"], ["generate", ...nodeFlags(4, 1, addr)]);
+    expect([r.c0, r.c1]).toEqual([1, 1]);
+    expect(r.e0).toMatch(/node 1 \(127\.0\.0\.1:\d+\) does not match node 0: world size \(--tp\) is 2 on node 0 and 4 on node 1/);
+    expect(r.e1).toContain(`node 0 (${addr}) refused this node: world size (--tp) is 2 on node 0 and 4 on node 1`);
+  });
+
+  it("a different checkpoint on one node (tiny-v3 vs tiny-v3-bf16) fails on both nodes, naming both", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const b = nodeFlags(2, 1, addr);
+    b[b.indexOf(TINY)] = BF16;
+    const r = await both(["serve", ...nodeFlags(2, 0, addr), "--port", "0"], ["serve", ...b]);
+    expect([r.c0, r.c1]).toEqual([1, 1]);
+    for (const e of [r.e0, r.e1]) {
+      expect(e).toContain("the model is");
+      expect(e).toContain(`${TINY} (config`);
+      expect(e).toContain(`${BF16} (config`);
+    }
+    expect(r.e0).toMatch(/does not match node 0: the model is/);
+    expect(r.e1).toMatch(/refused this node: the model is/);
+  });
+
+  it("a node that cannot reach node 0 fails after --dist-timeout, naming the address", async () => {
+    const addr = `127.0.0.1:${await freePort()}`; // nobody listens there
+    const n1 = track(ds3(["generate", ...nodeFlags(2, 1, addr).slice(0, -1), "1"]));
+    expect(await within(n1.exited, 20_000, "node 1")).toBe(1);
+    expect(n1.stderr()).toContain(`cannot reach node 0 at ${addr} within 1 s (--dist-timeout): ECONNREFUSED`);
+  });
+
+  it("bad node flags are usage errors before anything loads", async () => {
+    const cases: Array<[string[], RegExp]> = [
+      [["--tp", "3", "--nnodes", "2", "--dist-init-addr", "127.0.0.1:1"], /--tp 3 is the total over all nodes and must divide by --nnodes 2/],
+      [["--tp", "2", "--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "127.0.0.1:1"], /--node-rank 2 is not below --nnodes 2/],
+      [["--tp", "2", "--nnodes", "2"], /--nnodes 2 needs --dist-init-addr HOST:PORT/],
+      [["--tp", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "nohost"], /--dist-init-addr must be HOST:PORT/],
+    ];
+    for (const [flags, re] of cases) {
+      const p = track(ds3(["serve", "--model", TINY, "--port", "0", ...flags]));
+      expect(await within(p.exited, 20_000, flags.join(" "))).not.toBe(0);
+      expect(p.stderr()).toMatch(re);
+      expect(p.stdout()).toBe("");
+    }
+  });
+});
