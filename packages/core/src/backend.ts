@@ -31,6 +31,28 @@ export interface Precision {
 
 export const EXACT: Precision = { activations: "f32", cache: "f32", actQuant: "none" };
 
+/**
+ * The named precisions (`ds3 selftest --precision`, the conformance suite). What a backend computes
+ * at each, as the CPU backend emulates it and the suite's float64 reference defines it
+ * (conformance-precision.ts):
+ * - `activations: "bf16"`: every op's activation output is rounded to bf16 once (nearest even),
+ *   computed from its inputs in fp32 or better; composite ops (mla, moeExperts) may round their
+ *   intermediates as tensor-core kernels do.
+ * - `cache: "bf16"`: the latent cache stores bf16.
+ * - `actQuant`: the input of a linear layer with FP8 weights (and of the FP8 experts) is quantized
+ *   per token per 128 channels, s = max(amax, 1e-4) / 448 (e4m3fn; `fp8-ue8m0`: s rounded up to a
+ *   power of two; `fp8-fnuz`: / 240 onto e4m3fnuz, AMD MI300).
+ */
+export const PRECISIONS = {
+  exact: EXACT,
+  bf16: { activations: "bf16", cache: "bf16", actQuant: "none" },
+  fp8: { activations: "bf16", cache: "bf16", actQuant: "fp8" },
+  "fp8-ue8m0": { activations: "bf16", cache: "bf16", actQuant: "fp8-ue8m0" },
+  "fp8-fnuz": { activations: "bf16", cache: "bf16", actQuant: "fp8-fnuz" },
+} as const satisfies Record<string, Precision>;
+export type PrecisionName = keyof typeof PRECISIONS;
+export const PRECISION_NAMES = Object.keys(PRECISIONS) as PrecisionName[];
+
 /** Opaque device tensor of activations (logically fp32, row-major). */
 export interface Tensor {
   readonly shape: readonly number[];

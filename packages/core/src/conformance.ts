@@ -5,31 +5,31 @@
 // user with other hardware runs and sends back.
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { type BackendContext, type BackendProvider, checkProvider, EXACT, type HostWeight, OPS, type OpName, type Tensor } from "./backend.js";
+import { type BackendContext, type BackendProvider, checkProvider, EXACT, OPS, type OpName, type Precision, PRECISION_NAMES, type PrecisionName, PRECISIONS, REQUIRED_OPS, type Tensor } from "./backend.js";
+import { COSINE_FLOOR, drift, precisionOpChecks, quantizerChecks } from "./conformance-precision.js";
 import { placeRanks } from "./devices.js";
 import { RankExecutor } from "./ranks.js";
-import { Rng } from "./sampling.js";
+import { bf16Weight, type CheckDraft, type ConformanceCheck, f32Weight, fp8e4m3Decode, fp8Weight, Inputs, normErr, refLinear, silu } from "./conformance-common.js";
 
-export interface ConformanceCheck {
-  /** what was checked: an op (`linear (fp8 weight)`), a collective or an end-to-end run */
-  name: string;
-  /** the contract op it covers, if any */
-  op?: OpName;
-  ok: boolean;
-  /** worst error seen: normwise relative (max |got - ref| / max |ref|) for ops, max abs for logits, mismatches for ids */
-  worst: number;
-  tolerance: number;
-  detail?: string;
-}
+export { type ConformanceCheck, fp8e4m3Decode, normErr };
 
 export interface ConformanceReport {
   backend: string;
   device: string;
+  /** every gating check passed */
   ok: boolean;
+  /** the precisions asked for, in order, and what became of each */
+  precisions: Array<{ name: PrecisionName; precision: Precision; status: "ran" | "not supported" }>;
   checks: ConformanceCheck[];
 }
 
 export interface ConformanceOptions {
+  /**
+   * which precisions to run: a name, a list, or "all" (the default): every precision at which the
+   * backend supports at least one op; the others are reported as not supported. A precision asked
+   * for by name that the backend does not support is a failure.
+   */
+  precision?: PrecisionName | "all" | readonly PrecisionName[];
   /** golden checkpoint directories (golden.json + golden.f32 next to the weights) for the end-to-end checks */
   goldenDirs?: string[];
   /** world sizes of the end-to-end rank checks (default 1, 2, 4) */
@@ -43,101 +43,12 @@ export interface ConformanceOptions {
 const OP_TOL = 1e-5;
 const GOLDEN_TOL = 1e-3;
 
-/** normwise relative error: max |a - b| / max |b| (0 for two empty or all-zero arrays that agree) */
-export function normErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  if (a.length !== b.length) return Infinity;
-  let m = 0;
-  let s = 0;
-  for (let i = 0; i < a.length; i++) {
-    const d = Math.abs(a[i]! - b[i]!);
-    if (!(d <= m)) m = Number.isNaN(d) ? Infinity : d;
-    s = Math.max(s, Math.abs(b[i]!));
-  }
-  return m === 0 ? 0 : m / (s || 1);
-}
-
-class Inputs {
-  private rng: Rng;
-  constructor(seed: number) {
-    this.rng = new Rng(seed);
-  }
-  randn(): number {
-    const u = Math.max(this.rng.next(), 1e-12);
-    return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * this.rng.next());
-  }
-  vec(n: number, scale = 1): Float32Array {
-    return Float32Array.from({ length: n }, () => this.randn() * scale);
-  }
-  int(n: number): number {
-    return Math.floor(this.rng.next() * n);
-  }
-  u(): number {
-    return this.rng.next();
-  }
-}
-
-function f32Weight(name: string, data: Float32Array, rows: number, cols: number): HostWeight {
-  return { name, dtype: "f32", shape: [rows, cols], data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
-}
-
-function bf16Weight(inp: Inputs, rows: number, cols: number): { hw: HostWeight; dense: Float64Array } {
-  const bits = new Uint16Array(rows * cols);
-  const dense = new Float64Array(rows * cols);
-  const f = new Float32Array(1);
-  const u = new Uint32Array(f.buffer);
-  for (let i = 0; i < bits.length; i++) {
-    f[0] = inp.randn() * 0.1;
-    bits[i] = u[0]! >>> 16;
-    u[0] = bits[i]! << 16;
-    dense[i] = f[0]!;
-  }
-  return { hw: { name: "w.bf16", dtype: "bf16", shape: [rows, cols], data: new Uint8Array(bits.buffer) }, dense };
-}
-
-export function fp8e4m3Decode(v: number): number {
-  const s = v >> 7;
-  const e = (v >> 3) & 15;
-  const m = v & 7;
-  const f = e === 0 ? (m / 8) * 2 ** -6 : (1 + m / 8) * 2 ** (e - 7);
-  return s ? -f : f;
-}
-
-/** FP8 e4m3 weight with 128x128 block scales; the slice starts at `origin` inside its first block */
-function fp8Weight(inp: Inputs, rows: number, cols: number, origin: [number, number]): { hw: HostWeight; dense: Float64Array } {
-  const data = new Uint8Array(rows * cols);
-  for (let i = 0; i < data.length; i++) {
-    let b = inp.int(256);
-    if ((b & 0x7f) === 0x7f) b = 0x10; // no NaN
-    data[i] = b;
-  }
-  const sr = Math.floor((rows - 1 + origin[0]) / 128) + 1;
-  const sc = Math.floor((cols - 1 + origin[1]) / 128) + 1;
-  const scale = Float32Array.from({ length: sr * sc }, () => 0.001 + inp.u() * 0.01);
-  const dense = new Float64Array(rows * cols);
-  for (let r = 0; r < rows; r++)
-    for (let c = 0; c < cols; c++)
-      dense[r * cols + c] = fp8e4m3Decode(data[r * cols + c]!) * scale[Math.floor((r + origin[0]) / 128) * sc + Math.floor((c + origin[1]) / 128)]!;
-  return { hw: { name: "w.fp8", dtype: "f8_e4m3", shape: [rows, cols], data, scale, scaleShape: [sr, sc], scaleOrigin: origin }, dense };
-}
-
-function refLinear(x: ArrayLike<number>, T: number, w: ArrayLike<number>, N: number, K: number): Float64Array {
-  const y = new Float64Array(T * N);
-  for (let t = 0; t < T; t++)
-    for (let n = 0; n < N; n++) {
-      let s = 0;
-      for (let k = 0; k < K; k++) s += x[t * K + k]! * w[n * K + k]!;
-      y[t * N + n] = s;
-    }
-  return y;
-}
-
-const silu = (v: number) => v / (1 + Math.exp(-v));
 
 /** The op checks on one context (exact mode). */
-function opChecks(ctx: BackendContext, provider: BackendProvider, seed: number): ConformanceCheck[] {
+function opChecks(ctx: BackendContext, provider: BackendProvider, seed: number): CheckDraft[] {
   const inp = new Inputs(seed);
-  const out: ConformanceCheck[] = [];
-  const run = (name: string, op: OpName, f: () => { got: ArrayLike<number>; ref: ArrayLike<number> } | ConformanceCheck, tol = OP_TOL) => {
+  const out: CheckDraft[] = [];
+  const run = (name: string, op: OpName, f: () => { got: ArrayLike<number>; ref: ArrayLike<number> } | CheckDraft, tol = OP_TOL) => {
     if (!provider.supports(op, EXACT)) {
       out.push({ name, op, ok: false, worst: NaN, tolerance: tol, detail: `backend "${provider.name}" does not support op ${op} in exact mode` });
       return;
@@ -448,7 +359,7 @@ function readGolden(dir: string): GoldenPrompt[] {
 }
 
 /** Golden logits (every position) and the first greedy id through worker ranks at world size N. */
-async function goldenCheck(provider: BackendProvider, dir: string, ws: number): Promise<ConformanceCheck[]> {
+async function goldenCheck(provider: BackendProvider, dir: string, ws: number): Promise<CheckDraft[]> {
   const name = `${dir.split(/[\\/]/).filter(Boolean).pop()} at world size ${ws}`;
   const prompts = readGolden(dir);
   const maxLen = Math.max(...prompts.map((p) => p.ids.length));
@@ -485,6 +396,71 @@ async function goldenCheck(provider: BackendProvider, dir: string, ws: number): 
   }
 }
 
+/**
+ * At a non-exact precision: how far the golden logits move through worker ranks at world size N.
+ * Gates on the mean cosine similarity floor (COSINE_FLOOR); min cosine, KL, top-1 agreement and
+ * the greedy id only inform (no fixed bound meets these random models: routing flips).
+ */
+async function goldenDrift(provider: BackendProvider, dir: string, ws: number, pname: Exclude<PrecisionName, "exact">): Promise<CheckDraft[]> {
+  const name = `${dir.split(/[\\/]/).filter(Boolean).pop()} at world size ${ws}`;
+  const precision = PRECISIONS[pname];
+  const floor = COSINE_FLOOR[pname];
+  const prompts = readGolden(dir);
+  const maxLen = Math.max(...prompts.map((p) => p.ids.length));
+  const blockSize = 64;
+  const maxBlocks = Math.ceil(maxLen / blockSize);
+  let ex: RankExecutor | null = null;
+  try {
+    ex = await RankExecutor.create(dir, {
+      backendPackage: provider.entry!,
+      backendOptions: { precision },
+      cache: { numBlocks: maxBlocks, blockSize, dtype: precision.cache },
+      worldSize: ws,
+      threadsPerRank: 1,
+      ...(ws > 1 && { shareDevices: placeNeedsSharing(provider, ws) }),
+    });
+    let rows = 0;
+    const acc = { meanCos: 0, minCos: 1, meanKl: 0, maxKl: 0, top1: 0, maxAbs: 0 };
+    let wrongIds = 0;
+    for (const p of prompts) {
+      const L = p.ids.length;
+      const input = { ids: Int32Array.from(p.ids), positions: Int32Array.from({ length: L }, (_, i) => i), seqIdx: new Int32Array(L), blockTables: Int32Array.from({ length: maxBlocks }, (_, i) => i), maxBlocks };
+      const logits = await ex.step({ ...input, logitRows: Int32Array.from({ length: L }, (_, i) => i) });
+      if (logits.length !== p.logits.length) throw new Error(`${logits.length} logits for ${p.logits.length} golden values`);
+      const d = drift(logits, p.logits, L, logits.length / L);
+      acc.meanCos += d.meanCos * L;
+      acc.meanKl += d.meanKl * L;
+      acc.minCos = Math.min(acc.minCos, d.minCos);
+      acc.maxKl = Math.max(acc.maxKl, d.maxKl);
+      acc.top1 += d.top1;
+      acc.maxAbs = Math.max(acc.maxAbs, d.maxAbs);
+      rows += L;
+      const s = await ex.stepSampled({ ...input, logitRows: Int32Array.of(L - 1) }, { params: [{ temperature: 0, topK: 0, topP: 1, minP: 0 }], u: new Float64Array(1), vocabLimit: logits.length / L });
+      if (s.ids[0] !== p.greedy[0]) wrongIds++;
+    }
+    const meanCos = acc.meanCos / rows;
+    const metrics = { meanCos, minCos: acc.minCos, meanKl: acc.meanKl / rows, maxKl: acc.maxKl, top1: acc.top1 / rows, maxAbs: acc.maxAbs };
+    const f = (x: number) => x.toPrecision(4);
+    return [
+      { name: `${name}: golden logits, mean cosine similarity over every position`, ok: meanCos >= floor, worst: meanCos, tolerance: floor, bound: "min", metrics },
+      {
+        name: `${name}: golden logits, drift`,
+        kind: "info",
+        ok: true,
+        worst: metrics.meanKl,
+        tolerance: NaN,
+        metrics,
+        detail: `mean KL ${f(metrics.meanKl)}, max KL ${f(metrics.maxKl)}, min cosine ${f(metrics.minCos)}, top-1 agreement ${(100 * metrics.top1).toFixed(1)}% of ${rows} positions, max |logit - golden| ${f(metrics.maxAbs)}`,
+      },
+      { name: `${name}: greedy ids sampled by the ranks`, kind: "info", ok: true, worst: wrongIds, tolerance: NaN, detail: `${prompts.length - wrongIds} of ${prompts.length} prompts give the golden first greedy id` },
+    ];
+  } catch (e) {
+    return [{ name: `${name}: golden logits, mean cosine similarity over every position`, ok: false, worst: NaN, tolerance: floor, bound: "min", detail: e instanceof Error ? e.message : String(e) }];
+  } finally {
+    await ex?.close();
+  }
+}
+
 function maxAbs(a: Float32Array, b: Float32Array): number {
   let m = 0;
   for (let i = 0; i < a.length; i++) {
@@ -505,7 +481,7 @@ function placeNeedsSharing(p: BackendProvider, ws: number): boolean {
 }
 
 /** Rank placement as the contract says: devices listed, distinct per rank unless shareable. */
-function placementCheck(p: BackendProvider): ConformanceCheck {
+function placementCheck(p: BackendProvider): CheckDraft {
   const name = "devices() and rank placement";
   try {
     const d = p.devices();
@@ -527,53 +503,106 @@ function placementCheck(p: BackendProvider): ConformanceCheck {
   }
 }
 
+/** the precisions `opts.precision` names, in the suite's order, and whether each was named explicitly */
+function precisionsAsked(o: ConformanceOptions["precision"]): { names: PrecisionName[]; explicit: boolean } {
+  if (o === undefined || o === "all") return { names: [...PRECISION_NAMES], explicit: false };
+  const list = typeof o === "string" ? [o] : [...o];
+  for (const n of list)
+    if (!(PRECISION_NAMES as readonly string[]).includes(n)) throw new RangeError(`unknown precision "${n}" (one of ${PRECISION_NAMES.join(", ")}, or "all")`);
+  return { names: PRECISION_NAMES.filter((n) => list.includes(n)), explicit: true };
+}
+
+const describePrecision = (p: Precision) => `activations ${p.activations}, cache ${p.cache}, ${p.actQuant === "none" ? "no activation quantization" : `activations quantized ${p.actQuant} in front of FP8 weights`}`;
+
 /** Run the whole suite on one provider. Never throws for a failing backend: failures are checks. */
 export async function runConformance(provider: BackendProvider, opts: ConformanceOptions = {}): Promise<ConformanceReport> {
   checkProvider(provider);
+  const asked = precisionsAsked(opts.precision);
   const checks: ConformanceCheck[] = [];
-  const add = (c: ConformanceCheck) => {
-    checks.push(c);
-    opts.onCheck?.(c);
+  const precisions: ConformanceReport["precisions"] = [];
+  let current: PrecisionName = "exact";
+  const add = (c: CheckDraft) => {
+    const full: ConformanceCheck = { ...c, precision: current, kind: c.kind ?? "gate" };
+    checks.push(full);
+    opts.onCheck?.(full);
   };
+  const report = (device: string): ConformanceReport => ({ backend: provider.name, device, ok: checks.every((c) => c.ok), precisions, checks });
+  current = asked.names[0]!;
   const av = provider.available();
   if (!av.ok) {
     add({ name: "available()", ok: false, worst: NaN, tolerance: 0, detail: av.reason });
-    return { backend: provider.name, device: "", ok: false, checks };
+    return report("");
   }
   add(placementCheck(provider));
   let device = "";
-  let ctx: BackendContext | null = null;
-  try {
-    ctx = provider.create({ precision: EXACT });
-    device = ctx.device;
-    for (const c of opChecks(ctx, provider, opts.seed ?? 1)) add(c);
-  } catch (e) {
-    add({ name: "create() in exact mode", ok: false, worst: NaN, tolerance: 0, detail: e instanceof Error ? e.message : String(e) });
-  } finally {
-    ctx?.dispose();
-  }
-  const missing = OPS.filter((o) => o !== "sample" && !checks.some((c) => c.op === o));
-  if (missing.length) add({ name: "every op of the contract checked", ok: false, worst: missing.length, tolerance: 0, detail: `not checked: ${missing.join(", ")}` });
   const dirs = opts.goldenDirs ?? [];
-  if (dirs.length && !provider.entry)
-    add({ name: "golden checkpoints through worker ranks", ok: false, worst: NaN, tolerance: 0, detail: `backend "${provider.name}" has no entry (BackendProvider.entry): ranks cannot import it` });
-  else
-    for (const dir of dirs) {
-      if (!existsSync(join(dir, "golden.json"))) {
-        add({ name: `golden checkpoint ${dir}`, ok: false, worst: NaN, tolerance: 0, detail: "no golden.json there" });
-        continue;
-      }
-      for (const ws of opts.worldSizes ?? [1, 2, 4]) for (const c of await goldenCheck(provider, dir, ws)) add(c);
+  for (const pname of asked.names) {
+    current = pname;
+    const precision: Precision = PRECISIONS[pname];
+    const supported = REQUIRED_OPS.filter((o) => provider.supports(o, precision)).length;
+    if (!supported) {
+      precisions.push({ name: pname, precision, status: "not supported" });
+      if (asked.explicit) add({ name: `precision ${pname} (${describePrecision(precision)})`, ok: false, worst: NaN, tolerance: NaN, detail: `backend "${provider.name}" supports no op at this precision` });
+      else add({ name: `precision ${pname} (${describePrecision(precision)})`, kind: "not supported", ok: true, worst: NaN, tolerance: NaN, detail: `not supported by backend "${provider.name}"` });
+      continue;
     }
-  return { backend: provider.name, device, ok: checks.every((c) => c.ok), checks };
+    precisions.push({ name: pname, precision, status: "ran" });
+    const first = checks.length;
+    let ctx: BackendContext | null = null;
+    try {
+      ctx = provider.create({ precision });
+      device ||= ctx.device;
+      if (pname === "exact") for (const c of opChecks(ctx, provider, opts.seed ?? 1)) add(c);
+      else {
+        for (const c of quantizerChecks(ctx, provider, precision, opts.seed ?? 1)) add(c);
+        for (const c of precisionOpChecks(ctx, provider, precision, opts.seed ?? 1)) add(c);
+      }
+    } catch (e) {
+      add({ name: `create() ${pname === "exact" ? "in exact mode" : `at precision ${pname}`}`, ok: false, worst: NaN, tolerance: 0, detail: e instanceof Error ? e.message : String(e) });
+    } finally {
+      ctx?.dispose();
+    }
+    const mine = checks.slice(first);
+    const missing = OPS.filter((o) => o !== "sample" && !mine.some((c) => c.op === o));
+    if (missing.length) add({ name: "every op of the contract checked", ok: false, worst: missing.length, tolerance: 0, detail: `not checked: ${missing.join(", ")}` });
+    if (dirs.length && !provider.entry)
+      add({ name: "golden checkpoints through worker ranks", ok: false, worst: NaN, tolerance: 0, detail: `backend "${provider.name}" has no entry (BackendProvider.entry): ranks cannot import it` });
+    else if (supported < REQUIRED_OPS.length && dirs.length)
+      add({ name: "golden checkpoints through worker ranks", ok: false, worst: NaN, tolerance: 0, detail: `not run: the backend lacks ops at this precision` });
+    else
+      for (const dir of dirs) {
+        if (!existsSync(join(dir, "golden.json"))) {
+          add({ name: `golden checkpoint ${dir}`, ok: false, worst: NaN, tolerance: 0, detail: "no golden.json there" });
+          continue;
+        }
+        for (const ws of opts.worldSizes ?? [1, 2, 4]) for (const c of await (pname === "exact" ? goldenCheck(provider, dir, ws) : goldenDrift(provider, dir, ws, pname))) add(c);
+      }
+  }
+  return report(device);
 }
 
-/** The report as a table: check, result, worst error, tolerance. */
+/** The report as tables, one per precision: check, result, worst error, bound. */
 export function formatConformance(r: ConformanceReport): string {
   const fmt = (x: number) => (Number.isNaN(x) ? "-" : x === 0 ? "0" : Number.isFinite(x) ? (Number.isInteger(x) ? String(x) : x.toExponential(2)) : "inf");
   const w = Math.max(5, ...r.checks.map((c) => c.name.length));
-  const lines = [`backend ${r.backend}${r.device ? ` on ${r.device}` : ""}`, `${"check".padEnd(w)}  result  worst     tolerance`];
-  for (const c of r.checks) lines.push(`${c.name.padEnd(w)}  ${(c.ok ? "pass" : "FAIL").padEnd(6)}  ${fmt(c.worst).padEnd(8)}  ${fmt(c.tolerance)}${c.detail ? `  ${c.detail}` : ""}`);
-  lines.push(`${r.checks.filter((c) => c.ok).length} of ${r.checks.length} checks passed: ${r.ok ? "PASS" : "FAIL"}`);
+  const lines = [`backend ${r.backend}${r.device ? ` on ${r.device}` : ""}`];
+  let last: PrecisionName | null = null;
+  for (const c of r.checks) {
+    if (c.precision !== last && c.name !== "devices() and rank placement" && c.name !== "available()") {
+      last = c.precision;
+      const p = PRECISIONS[c.precision];
+      lines.push("", `precision ${c.precision}: ${describePrecision(p)}${c.precision === "exact" ? "; gates: every op within its float64 bound, golden logits within 1e-3" : "; gates: the quantizers exactly, every op within its bound of the float64 reference emulating it, the mean cosine of the golden logits; informs: KL, min cosine, top-1, greedy ids"}`);
+      lines.push(`${"check".padEnd(w)}  result  worst     tolerance`);
+    } else if (lines.length === 1) lines.push(`${"check".padEnd(w)}  result  worst     tolerance`);
+    const result = c.kind === "info" ? "info" : c.kind === "not supported" ? "n/s" : c.ok ? "pass" : "FAIL";
+    const b = Number.isNaN(c.tolerance) ? "-" : `${c.bound === "min" ? ">= " : ""}${fmt(c.tolerance)}`;
+    lines.push(`${c.name.padEnd(w)}  ${result.padEnd(6)}  ${fmt(c.worst).padEnd(8)}  ${b}${c.detail ? `  ${c.detail}` : ""}`);
+  }
+  const gating = r.checks.filter((c) => c.kind === "gate");
+  const info = r.checks.filter((c) => c.kind === "info").length;
+  const ns = r.precisions.filter((p) => p.status === "not supported").map((p) => p.name);
+  lines.push("");
+  lines.push(`precisions run: ${r.precisions.filter((p) => p.status === "ran").map((p) => p.name).join(", ") || "none"}${ns.length ? `; not supported: ${ns.join(", ")}` : ""}; ${info} informational row${info === 1 ? "" : "s"}`);
+  lines.push(`${gating.filter((c) => c.ok).length} of ${gating.length} checks passed: ${r.ok ? "PASS" : "FAIL"}`);
   return lines.join("\n");
 }
