@@ -72,6 +72,8 @@ export interface GpuVendor {
   readonly perDevice?: boolean;
   /** a device the addon has no code for (e.g. a gfx target it was not compiled for), or null */
   deviceError?(d: GpuDevice, nat: Native): string | null;
+  /** what the user can do about a probe's "not available" reason (appended in parentheses), or null */
+  hint?(reason: string): string | null;
 }
 
 /** the native code of each activation-quantization mode (the same for every build of the addon) */
@@ -167,6 +169,13 @@ function candidates(v: GpuVendor): string[] {
   return list.filter((p) => p !== "");
 }
 
+/** a probe's "not available" reason with the vendor's hint, as available() and create() both give it */
+function withHint(v: GpuVendor, reason: string | undefined): string {
+  const r = reason ?? `${v.label} not available`;
+  const h = v.hint?.(r);
+  return h ? `${r} (${h})` : r;
+}
+
 /** The addon (loaded once per vendor), or the reason it cannot be loaded. */
 export type NativeLoader = () => Native;
 
@@ -229,7 +238,7 @@ export class GpuContext implements BackendContext {
       throw new Error(`${vendor.label} not available: ${(e as Error).message}`);
     }
     const pr = nat.probe();
-    if (!pr.ok) throw new Error(pr.reason ?? `${vendor.label} not available`);
+    if (!pr.ok) throw new Error(withHint(vendor, pr.reason));
     this.precision = { activations: "f32", cache: "f32", actQuant: "none", ...opts.precision };
     const devs = (pr.devices ?? []).map((l, i) => vendor.device(l, i));
     const dev = opts.device ?? 0;
@@ -573,7 +582,7 @@ export function gpuBackend(v: GpuVendor, load: NativeLoader = loaderOf(v), creat
     } catch (e) {
       return { ok: false, reason: `${na}: ${(e as Error).message}` };
     }
-    if (!p.ok) return { ...p, reason: p.reason ?? na };
+    if (!p.ok) return { ...p, reason: withHint(v, p.reason) };
     // devices the addon has no code for are listed but do not make the backend available
     if (v.deviceError) {
       const devs = (p.devices ?? []).map((l, i) => v.device(l, i));

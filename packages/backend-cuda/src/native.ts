@@ -121,8 +121,8 @@ export interface Native {
   /** actQuant: 0 none, 1 fp8 (e4m3fn, max 448), 2 fp8 with ue8m0 scales, 3 fp8-fnuz (e4m3fnuz, max 240) */
   Context: new (o: { device: number; actBf16: boolean; actQuant: number; graphs: boolean }) => NativeCtx;
   probe(): ProbeResult;
-  /** what compiled the kernels: nvcc ("cuda"), hipcc ("hip"), nothing ("stub": probe() says why) */
-  built: "cuda" | "hip" | "stub";
+  /** what the kernels were compiled for: NVIDIA ("cuda", nvcc), AMD ("rocm", HIP), nothing ("stub": probe() says why) */
+  built: "cuda" | "rocm" | "stub";
   /** NCCL (CUDA) or RCCL (ROCm) version the addon was built with (0: built without it) */
   nccl?: number;
   /** HIP builds: the gfx targets the kernels were compiled for (comma separated, e.g. "gfx90a,gfx942") */
