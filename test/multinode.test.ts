@@ -13,6 +13,7 @@ import { alive, ds3, freePort, type Proc, ROOT, start, within } from "./helpers/
 const TINY = join(FIXTURES, "tiny-v3");
 const BF16 = join(FIXTURES, "tiny-v3-bf16");
 const LOGITS = join(ROOT, "test/helpers/multinode-logits.mjs");
+const FAULT = join(ROOT, "test/helpers/multinode-fault.mjs");
 const golden = loadGolden("tiny-v3");
 const V = golden.vocab;
 
@@ -150,6 +151,34 @@ describe("ds3 serve with a second node", () => {
     expect(await within(n1.exited, 20_000, "node 1 exit")).toBe(1);
     expect(n1.stderr()).toContain(`node 0 (${addr}): connection lost`);
     expect(alive(n1.pid)).toBe(false);
+  });
+});
+
+describe.each(["throw", "exit", "hang"])("a rank on node 1 that fails (%s) at a step", (kind) => {
+  it("fails the step and the executor with the node and rank named; node 1 exits non-zero with node 0's reason", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const n1 = track(ds3(["generate", ...nodeFlags(2, 1, addr)]));
+    const n0 = track(start([FAULT, TINY, addr, kind]));
+    expect(await within(n0.exited, 60_000, "node 0"), n0.stderr()).toBe(0);
+    expect(await within(n1.exited, 20_000, "node 1")).toBe(1);
+    const r = JSON.parse(n0.stdout()) as { logits: number; error: string; failed: string; ms: number };
+    expect(r.logits).toBe(V); // step 0 ran on both nodes
+    const cause = { throw: "failed at step 1: injected fault at step 1", exit: "exited at step 1: worker exited with code: 7", hang: "did not answer within 3000 ms (step 1)" }[kind]!;
+    expect(r.error).toMatch(new RegExp(`^RankExecutor: node 1 \\(127\\.0\\.0\\.1:\\d+\\) rank 1 ${cause.replace(/[()]/g, "\\$&")}`));
+    expect(r.failed).toBe(r.error); // what /health reports
+    if (kind === "hang") expect(r.ms).toBeGreaterThanOrEqual(3000); // bounded by the step timeout
+    expect(n1.stderr()).toContain(`node 0 (${addr}) ended after a failure: ${r.error}`);
+    expect(alive(n1.pid)).toBe(false);
+  });
+});
+
+describe("ds3 inspect --nnodes", () => {
+  it("plans tp/nnodes ranks per node, node-major", async () => {
+    const p = track(ds3(["inspect", "--model", TINY, "--tp", "4", "--nnodes", "2", "--json"]));
+    expect(await within(p.exited, 30_000, "inspect"), p.stderr()).toBe(0);
+    const plan = (JSON.parse(p.stdout()) as { model: { plan: Array<{ rank: number; node: number; experts: [number, number] }> } }).model.plan;
+    expect(plan.map((x) => [x.rank, x.node])).toEqual([[0, 0], [1, 0], [2, 1], [3, 1]]);
+    expect(plan.map((x) => x.experts)).toEqual([[0, 4], [4, 8], [8, 12], [12, 16]]);
   });
 });
 

@@ -9,6 +9,7 @@ import { fmtBytes, fmtCount, notice, UsageError } from "../ui.js";
 interface Args {
   model?: string;
   tp?: number;
+  nnodes?: number;
   devices?: string;
   shareDevices?: boolean;
   backend?: string;
@@ -24,14 +25,16 @@ export function builder(y: Argv): Argv {
     .options({
       model: { type: "string", describe: 'checkpoint directory to describe ("builtin": the built-in model)', requiresArg: true },
       tp: { describe: "tensor/expert parallel size for the bytes-per-rank figure (default: 1, 2, 4, 8)", coerce: intFlag("tp", 1), requiresArg: true },
-      devices: { type: "string", describe: "with --model and --tp: the device per rank for the placement plan (default: rank r on device r)", requiresArg: true },
+      devices: { type: "string", describe: "with --model and --tp: the device per rank for the placement plan (default: rank r on device r); with --nnodes, per node", requiresArg: true },
+      nnodes: { describe: "with --model and --tp: the plan over N nodes (tp/N ranks each, node-major; every node assumed to have this machine's devices)", coerce: intFlag("nnodes", 1), requiresArg: true },
       "share-devices": { type: "boolean", describe: "with --devices: let ranks share a device (testing)" },
       backend: { type: "string", describe: "with --model and --tp: the backend whose devices the plan uses (default: auto)", requiresArg: true },
       "cache-blocks": { describe: "with the plan: latent cache blocks of 64 tokens per rank (default: as ds3 serve, 4 x min(model, 4096) tokens)", coerce: intFlag("cache-blocks", 1), requiresArg: true },
       json: { type: "boolean", describe: "print one JSON object" },
     })
     .example("$0 inspect", "backends")
-    .example("$0 inspect --model DeepSeek-V3 --tp 8", "");
+    .example("$0 inspect --model DeepSeek-V3 --tp 8", "")
+    .example("$0 inspect --model DeepSeek-V3 --tp 16 --nnodes 2", "the plan over two 8-GPU nodes");
 }
 
 type Split = "replicated" | "split" | "expert";
@@ -60,6 +63,8 @@ interface ModelReport {
 /** One rank of a placement plan: what it holds, on which device, and whether it fits. */
 interface RankPlan {
   rank: number;
+  /** with --nnodes: the node the rank runs on */
+  node?: number;
   device: { index: number; name: string; memoryFree: number | null };
   heads: [number, number];
   experts: [number, number];
@@ -150,34 +155,41 @@ export async function handler(a: Args): Promise<void> {
     model = describeModel(dir, a.tp !== undefined ? [a.tp] : [1, 2, 4, 8]);
   }
   if (model && cfg && (a.devices !== undefined || a.shareDevices || a.backend !== undefined) && a.tp === undefined) throw new UsageError("--devices, --share-devices and --backend make a placement plan: give --tp N too", 2);
+  if (a.nnodes !== undefined && (a.tp === undefined || !model)) throw new UsageError("--nnodes makes a placement plan: give --model DIR and --tp N too", 2);
+  if (a.nnodes !== undefined && a.tp! % a.nnodes !== 0) throw new UsageError(`--tp ${a.tp} is the total over all nodes and must divide by --nnodes ${a.nnodes}`, 2);
   if (model && cfg && a.tp !== undefined && model.ranks[0]?.ok) {
     const provider = await getBackend(a.backend ?? "auto");
     const tp = a.tp;
+    const nnodes = a.nnodes ?? 1;
+    const perNode = tp / nnodes;
     let devices: number[] | undefined;
     try {
       devices = a.devices !== undefined ? parseDeviceList(a.devices) : undefined;
     } catch (e) {
       throw new UsageError((e as Error).message, 2);
     }
-    const pl = placeRanks(provider, tp, { devices, shareDevices: a.shareDevices });
+    // each node places its own tp/nnodes ranks on its devices (the same plan on every node)
+    const pl = placeRanks(provider, perNode, { devices, shareDevices: a.shareDevices });
     const blocks = a.cacheBlocks ?? Math.max(16, Math.ceil(Math.min(cfg.maxPositionEmbeddings, 4096) / 64) * 4);
     const cacheBytes = blocks * cacheBytesPerBlock(cfg, 64, "f32", false);
     const per = model.ranks[0]!.perRank!;
     const used = new Map<number, number>(); // bytes per device, when ranks share one
-    per.forEach((b, r) => used.set(pl.devices[r]!, (used.get(pl.devices[r]!) ?? 0) + b + cacheBytes));
+    const key = (r: number) => Math.floor(r / perNode) * 1e6 + pl.devices[r % perNode]!; // (node, device)
+    per.forEach((b, r) => used.set(key(r), (used.get(key(r)) ?? 0) + b + cacheBytes));
     const range = (n: number, r: number): [number, number] => [(r * n) / tp, ((r + 1) * n) / tp];
     model.plan = per.map((b, r) => {
-      const d = pl.info[r]!;
+      const d = pl.info[r % perNode]!;
       const free = Number.isFinite(d.memoryFree) ? d.memoryFree : null;
       return {
         rank: r,
+        ...(nnodes > 1 && { node: Math.floor(r / perNode) }),
         device: { index: d.index, name: d.name, memoryFree: free },
         heads: range(cfg!.nHeads, r),
         experts: range(cfg!.nRoutedExperts, r),
         vocabRows: [Math.floor((r * cfg!.vocabSize) / tp), Math.floor(((r + 1) * cfg!.vocabSize) / tp)],
         weightBytes: b,
         cacheBytes,
-        fits: free === null ? null : used.get(d.index)! <= free,
+        fits: free === null ? null : used.get(key(r))! <= free,
       };
     });
   }
@@ -208,10 +220,13 @@ export async function handler(a: Args): Promise<void> {
     lines.push("  weights per rank (tensor parallel attention/dense/shared, expert parallel routed experts, vocab parallel embedding/head):");
     for (const r of m.ranks) lines.push(`    tp ${String(r.tp).padEnd(3)} ${r.ok ? fmtBytes(r.bytesPerRank!) : `not possible: ${r.reason}`}`);
     if (m.plan) {
-      lines.push(`  placement plan (tp ${m.plan.length}, latent cache ${fmtBytes(m.plan[0]!.cacheBytes)} per rank in fp32):`);
+      const nn = a.nnodes ?? 1;
+      lines.push(
+        `  placement plan (tp ${m.plan.length}${nn > 1 ? ` over ${nn} nodes, ${m.plan.length / nn} ranks each, every node assumed to have this machine's devices` : ""}, latent cache ${fmtBytes(m.plan[0]!.cacheBytes)} per rank in fp32):`,
+      );
       for (const p of m.plan)
         lines.push(
-          `    rank ${p.rank}: device ${p.device.index} (${p.device.name}); heads ${p.heads[0]}-${p.heads[1] - 1}, experts ${p.experts[0]}-${p.experts[1] - 1}, vocab rows ${p.vocabRows[0]}-${p.vocabRows[1] - 1}; ` +
+          `    ${p.node !== undefined ? `node ${p.node} ` : ""}rank ${p.rank}: device ${p.device.index} (${p.device.name}); heads ${p.heads[0]}-${p.heads[1] - 1}, experts ${p.experts[0]}-${p.experts[1] - 1}, vocab rows ${p.vocabRows[0]}-${p.vocabRows[1] - 1}; ` +
             `weights ${fmtBytes(p.weightBytes)} + cache ${fmtBytes(p.cacheBytes)}; ` +
             (p.fits === null ? "free memory unknown" : `${p.fits ? "fits" : "does NOT fit"} in ${fmtBytes(p.device.memoryFree!)} free`),
         );
