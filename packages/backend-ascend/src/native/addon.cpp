@@ -1190,7 +1190,7 @@ Napi::Value Ctx::MoeExperts(const Napi::CallbackInfo& info) {
       sc[size_t(t * k + j)] = in ? rt[size_t(t * 2 * k + j)] : 0.0f;
     }
   TV idv = uploadI32(ids, {T, k}), scv = uploadF(sc.data(), {T, k}, act_);
-  TV xs = fresh({M, D}, act_), rowIdx = fresh({M}, ACL_INT32), cum = fresh({E + 1}, ACL_INT64);
+  TV xs = fresh({M, D}, act_), rowIdx = fresh({M}, ACL_INT32), cum = fresh({E + 1}, ACL_INT32);
   {
     Descs d;
     auto a = d(x);
@@ -1200,7 +1200,8 @@ Napi::Value Ctx::MoeExperts(const Napi::CallbackInfo& info) {
     auto c = d(cum);
     OP(aclnnMoeInitRoutingV2, a, i, M, int64_t(0), E + 1, int64_t(0), int64_t(1), false, o, ri, c, nullptr);
   }
-  TV groups = cum.view({E}, {1});
+  // the counts come as INT32 (the operator definition); aclnnGroupedMatmulV4 takes an INT64 groupList
+  TV groups = cast(cum.view({E}, {1}), ACL_INT64);
   auto gmm = [&](const TV& in, const TV& w, int64_t N) {
     TV out = fresh({M, N}, act_);
     zero(out);  // rows of the sentinel group are left as they are
@@ -1235,7 +1236,7 @@ Napi::Value Ctx::MoeExperts(const Napi::CallbackInfo& info) {
     auto s2 = d(scv);
     auto i = d(idv);
     auto o = d(out);
-    OP(aclnnMoeFinalizeRoutingV2, a, ri, nullptr, nullptr, nullptr, s2, i, int64_t(0), o);
+    OP(aclnnMoeFinalizeRoutingV2, a, ri, nullptr, nullptr, nullptr, s2, i, int64_t(2), o);  // dropPadMode 2: row order t*k + j, as InitRoutingV2 writes it
   }
   return jsOf(info.Env(), out);
   GUARD_END

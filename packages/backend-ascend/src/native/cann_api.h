@@ -236,7 +236,7 @@ typedef struct HcclRootInfoDef { char internal[DS3_HCCL_ROOT_INFO_BYTES]; } Hccl
      int64_t groupType, int64_t groupListType, int64_t actType, aclTensorList* out, aclTensorList* activationFeatureOutOptional, \
      aclTensorList* dynQuantScaleOutOptional, uint64_t* workspaceSize, aclOpExecutor** executor))            \
   X(OPAPI, 1, aclnnStatus, aclnnGroupedMatmulV4, DS3_ACLNN_RUN_PARAMS)                                        \
-  /* [op: aclnnMoeFinalizeRoutingV2] UNSURE: dropPadMode 0 reads expandedRowIdx row-major (t*K + k) */        \
+  /* [op: aclnnMoeFinalizeRoutingV2] UNSURE: dropPadMode 2 reads expandedRowIdx row-major (t*K + k), 0 column-major */        \
   X(OPAPI, 1, aclnnStatus, aclnnMoeFinalizeRoutingV2GetWorkspaceSize,                                         \
     (const aclTensor* expandedX, const aclTensor* expandedRowIdx, const aclTensor* x1Optional, const aclTensor* x2Optional, \
      const aclTensor* biasOptional, const aclTensor* scalesOptional, const aclTensor* expertIdxOptional, int64_t dropPadMode, \
