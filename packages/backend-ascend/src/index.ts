@@ -167,7 +167,7 @@ export class AscendContext implements BackendContext {
     const nat = load();
     const pr = nat.probe();
     if (!pr.ok) throw new Error(`Ascend not available: ${pr.reason}`);
-    this.precision = { activations: "bf16", cache: "bf16", actQuant: "none", ...opts.precision };
+    this.precision = { activations: "f32", cache: "f32", actQuant: "none", ...opts.precision };  // the contract's default (EXACT); pass bf16 for the NPU
     if (this.precision.actQuant !== "none") throw new Error(`ascend: actQuant=${this.precision.actQuant} not supported (Atlas A2/A3 have no FP8; weights run as BF16)`);
     const dev = opts.device ?? 0;
     this.n = new nat.Context({ device: dev, bf16: this.precision.activations === "bf16" });
