@@ -14,6 +14,7 @@ const TINY = join(FIXTURES, "tiny-v3");
 const BF16 = join(FIXTURES, "tiny-v3-bf16");
 const LOGITS = join(ROOT, "test/helpers/multinode-logits.mjs");
 const FAULT = join(ROOT, "test/helpers/multinode-fault.mjs");
+const BOOT = join(ROOT, "test/helpers/multinode-bootstrap.mjs");
 const golden = loadGolden("tiny-v3");
 const V = golden.vocab;
 
@@ -169,6 +170,22 @@ describe.each(["throw", "exit", "hang"])("a rank on node 1 that fails (%s) at a 
     if (kind === "hang") expect(r.ms).toBeGreaterThanOrEqual(3000); // bounded by the step timeout
     expect(n1.stderr()).toContain(`node 0 (${addr}) ended after a failure: ${r.error}`);
     expect(alive(n1.pid)).toBe(false);
+  });
+});
+
+describe("device-collective bootstrap across nodes", () => {
+  it("rank 0's communicator id (Collective.broadcast in the backend's create) reaches the ranks of node 1, byte for byte", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const n1 = track(start([BOOT, TINY, addr, "1"]));
+    const n0 = track(start([BOOT, TINY, addr, "0"]));
+    expect(await within(n0.exited, 60_000, "node 0"), n0.stderr()).toBe(0);
+    expect(await within(n1.exited, 10_000, "node 1"), n1.stderr()).toBe(0);
+    const r = JSON.parse(n0.stdout()) as { devices: string[]; logits: number[] };
+    expect(r.devices).toHaveLength(4);
+    const id = /^comm ([0-9a-f]{256}) rank 0\/4$/.exec(r.devices[0]!)?.[1];
+    expect(id, r.devices[0]).toBeDefined();
+    expect(r.devices).toEqual([0, 1, 2, 3].map((k) => `comm ${id} rank ${k}/4`));
+    expect(r.logits.every(Number.isFinite)).toBe(true);
   });
 });
 
