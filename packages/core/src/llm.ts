@@ -157,6 +157,9 @@ export class DS3 {
           // one rank has no collective to hang in: no step deadline, as in this thread
           ...(tp === 1 && { stepTimeoutMs: Infinity, onWeights: o.onWeights }),
           ...(nodes && { nodes }),
+        }).catch(async (e: unknown) => {
+          await nodes?.close(e instanceof Error ? e.message : String(e)); // the other nodes exit with the reason
+          throw e;
         });
     warnUnusedTensors(dir, cfg, o.onWarning);
     let tokenizer: Tokenizer | null = null;
