@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Builds the CPU stand-in of CANN's libraries (tests only; never shipped) into standin/build/:
+#   libds3standin.so  the shared state (memory, handles, streams, executors, errors)
+#   libascendcl.so    aclInit/aclrt*/aclGetRecentErrMsg      (src/runtime.cpp)
+#   libnnopbase.so    aclCreateTensor & co.                  (src/nnopbase.cpp)
+#   libopapi.so       the aclnn operators                    (src/ops_basic.cpp, src/ops_moe.cpp)
+#   libhccl.so        HcclGetRootInfo & co.                  (src/hccl.cpp)
+#   too-old/          the same, with a libopapi.so that lacks aclnnMoeFinalizeRoutingV2 (the "CANN too old" case)
+# Each library exports only its own group's symbols, as CANN's do; all four link libds3standin.so
+# (rpath $ORIGIN), so they share one process-wide state.
+# Usage: bash build.sh [--force]   (nothing is rebuilt when every output is newer than every source)
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="$here/build"
+CXX="${CXX:-g++}"
+if [[ "${1:-}" != "--force" && -f "$out/too-old/libopapi.so" ]]; then
+  stale=0
+  for f in "$here"/src/* "$here/build.sh"; do [[ "$f" -nt "$out/too-old/libopapi.so" ]] && stale=1; done
+  [[ $stale == 0 ]] && exit 0
+fi
+mkdir -p "$out/too-old"
+flags=(-std=c++17 -O2 -g -fPIC -pthread -ffp-contract=off -Wall -Wextra -Wno-unused-parameter)  # no FMA contraction: the
+# documented arithmetic is a rounded product, then a rounded sum
+obj() { "$CXX" "${flags[@]}" "${@:3}" -c "$here/src/$1" -o "$out/$2"; }
+obj core.cpp core.o &
+obj runtime.cpp runtime.o -fvisibility=hidden &
+obj nnopbase.cpp nnopbase.o -fvisibility=hidden &
+obj hccl.cpp hccl.o -fvisibility=hidden &
+wait
+obj ops_basic.cpp ops_basic.o -fvisibility=hidden &
+obj ops_moe.cpp ops_moe.o -fvisibility=hidden &
+obj ops_moe.cpp ops_moe_old.o -fvisibility=hidden -DDS3_STANDIN_TOO_OLD &
+wait
+link() {  # name, dir, rpath, objects...
+  "$CXX" -shared -pthread -o "$2/lib$1.so.tmp" "${@:4}" -Wl,-soname,"lib$1.so" -Wl,--no-undefined \
+    -Wl,--no-as-needed -L"$out" -lds3standin -Wl,-rpath,"$3"
+  mv -f "$2/lib$1.so.tmp" "$2/lib$1.so"
+}
+"$CXX" -shared -pthread -o "$out/libds3standin.so.tmp" "$out/core.o" -Wl,-soname,libds3standin.so -Wl,--no-undefined
+mv -f "$out/libds3standin.so.tmp" "$out/libds3standin.so"
+link ascendcl "$out" '$ORIGIN' "$out/runtime.o"
+link nnopbase "$out" '$ORIGIN' "$out/nnopbase.o"
+link hccl "$out" '$ORIGIN' "$out/hccl.o"
+link opapi "$out" '$ORIGIN' "$out/ops_basic.o" "$out/ops_moe.o"
+link opapi "$out/too-old" '$ORIGIN/..' "$out/ops_basic.o" "$out/ops_moe_old.o"
+for l in ascendcl nnopbase hccl; do ln -sfn "../lib$l.so" "$out/too-old/lib$l.so"; done
+echo "ascend stand-in built in $out"
