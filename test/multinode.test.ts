@@ -237,6 +237,31 @@ describe("startup errors", () => {
     expect(n1.stderr()).toContain(`cannot reach node 0 at ${addr} within 1 s (--dist-timeout): ECONNREFUSED`);
   });
 
+  it("node 0 whose nodes never join fails after --dist-timeout, naming them and the address", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const n0 = track(ds3(["generate", ...nodeFlags(2, 0, addr).slice(0, -1), "1", "--prompt-ids", "0,1"]));
+    expect(await within(n0.exited, 20_000, "node 0")).toBe(1);
+    expect(n0.stderr()).toContain(`node 1 did not join at ${addr} within 1 s (--dist-timeout)`);
+  });
+
+  it("a second node with a node rank already taken is refused; the group goes on waiting", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const flags = (rank: number) => ["--model", TINY, "--tp", "4", "--nnodes", "4", "--node-rank", String(rank), "--dist-init-addr", addr, "--dist-timeout", "60"];
+    const n0 = track(ds3(["serve", ...flags(0), "--port", "0"]));
+    const a = track(ds3(["serve", ...flags(1)]));
+    await within(
+      (async () => {
+        while (!/node 1 joined/.test(n0.stderr())) await new Promise((r) => setTimeout(r, 50));
+      })(),
+      30_000,
+      "node 1 joining",
+    );
+    const b = track(ds3(["serve", ...flags(1)]));
+    expect(await within(b.exited, 30_000, "the second node 1")).toBe(1);
+    expect(b.stderr()).toMatch(/refused this node: node rank 1 is already taken by 127\.0\.0\.1:\d+/);
+    expect(alive(n0.pid) && alive(a.pid)).toBe(true); // still waiting for nodes 2 and 3
+  });
+
   it("bad node flags are usage errors before anything loads", async () => {
     const cases: Array<[string[], RegExp]> = [
       [["--tp", "3", "--nnodes", "2", "--dist-init-addr", "127.0.0.1:1"], /--tp 3 is the total over all nodes and must divide by --nnodes 2/],
