@@ -25,7 +25,8 @@ describe("the addon as built on this machine (no AMD GPU here)", () => {
   const av = rocm.available();
   let built = "missing";
   try {
-    built = (createRequire(import.meta.url)(join(here, "../build/Release/ds3_rocm.node")) as Native).built;
+    // the addon the provider loads: $DS3_ROCM_ADDON first, else the package's build
+    built = (createRequire(import.meta.url)(process.env.DS3_ROCM_ADDON || join(here, "../build/Release/ds3_rocm.node")) as Native).built;
   } catch {
     /* not built: the reason says so */
   }
