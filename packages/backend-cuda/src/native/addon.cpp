@@ -2,7 +2,6 @@
 // each Context owns a device, a stream, its weights, caches and a per-step arena of device memory
 // (reset by beginStep, so no op calls cudaMalloc in steady state). Ops are asynchronous on the stream;
 // only download/readCache/argmax wait. Tensors cross the boundary as device addresses (JS numbers).
-#include <cuda_runtime_api.h>
 #include <napi.h>
 
 #include <algorithm>
@@ -15,19 +14,27 @@
 #include <string>
 #include <vector>
 
+#include "ops.h"  // vendor.h first: the CUDA runtime names (mapped to HIP in the ROCm build)
+
 #ifdef DS3_HAVE_NCCL
+#if defined(DS3_HIP)
+#include <rccl/rccl.h>  // RCCL: the NCCL API under the same names
+#else
 #include <nccl.h>
+#endif
 #endif
 
 #include "graphs.h"
-#include "ops.h"
+#if defined(DS3_HIP)
+#include <unistd.h>
+#endif
 
 using namespace ds3cu;
 
 namespace {
 
 void ck(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(e));
+  if (e != cudaSuccess) throw std::runtime_error(std::string(DS3_GPU_NAME " error in ") + what + ": " + cudaGetErrorString(e));
 }
 #define CK(x) ck((x), #x)
 
@@ -67,8 +74,13 @@ enum OpId : int {
   OP_ALLGATHER,
 };
 
+#if defined(DS3_HIP)
+[[maybe_unused]] const char* kNoNccl =
+    "RCCL not available: @ds3/backend-rocm was built without RCCL (CMake found no rccl.h / librccl); collectives go through the host";
+#else
 [[maybe_unused]] const char* kNoNccl =
     "NCCL not available: @ds3/backend-cuda was built without NCCL (CMake found no nccl.h / libnccl); collectives go through the host";
+#endif
 
 int esize(int dt) { return dt == W_F8 ? 1 : dt == W_F32 ? 4 : 2; }
 int dtype_of(const std::string& s) {
@@ -216,7 +228,8 @@ class Context : public Napi::ObjectWrap<Context> {
     graphsWanted_ = o.Has("graphs") && o.Get("graphs").ToBoolean();
     int n = 0;
     CK(cudaGetDeviceCount(&n));
-    if (dev_ < 0 || dev_ >= n) throw std::runtime_error("CUDA device " + std::to_string(dev_) + " does not exist (" + std::to_string(n) + " found)");
+    if (dev_ < 0 || dev_ >= n)
+      throw std::runtime_error(std::string(DS3_GPU_NAME " device ") + std::to_string(dev_) + " does not exist (" + std::to_string(n) + " found)");
     CK(cudaSetDevice(dev_));
     tl_device = dev_;
     CK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -224,7 +237,14 @@ class Context : public Napi::ObjectWrap<Context> {
     CK(cudaGetDeviceProperties(&p, dev_));
     sms_ = p.multiProcessorCount;
     set_sm_count(sms_);
+#if defined(DS3_HIP)
+    // no mma.sync kernels on AMD: "compute capability" 0 makes every choice below take the GEMV/SIMT kernels.
+    // FP8 weights are stored as e4m3fnuz on gfx94x (MI300: its hardware format; the gfx94x code object decodes it)
+    cc_ = 0;
+    fnuz_ = std::string(p.gcnArchName).rfind("gfx94", 0) == 0;
+#else
     cc_ = p.major * 10 + p.minor;
+#endif
     stageCap_ = size_t(16) << 20;
     CK(cudaHostAlloc(&stage_, stageCap_, cudaHostAllocDefault));
     alive_ = true;
@@ -581,6 +601,12 @@ class Context : public Napi::ObjectWrap<Context> {
       launched("synthetic weight");
       CK(cudaStreamSynchronize(stream_));
     }
+    if (w.dtype == W_F8 && fnuz_) {
+      // gfx94x: OCP e4m3fn -> e4m3fnuz in place (0x80 -> 0, other bytes unchanged, block scales doubled)
+      launch_fp8_to_fnuz(stream_, static_cast<uint8_t*>(data), w.rows * w.cols, scale, sr * sc);
+      launched("fp8 -> fnuz");
+      CK(cudaStreamSynchronize(stream_));
+    }
     if (w.dtype == W_F8 && o1 != 0) {
       // a slice that starts inside a scale block column: keep it dequantized (exact) in f32
       float* f = static_cast<float*>(devAlloc(size_t(w.rows * w.cols) * 4, "a dequantized weight"));
@@ -883,7 +909,7 @@ class Context : public Napi::ObjectWrap<Context> {
       launched("mla absorb");
     }
     int hg = 1;
-    for (int d = std::min(H, 16); d >= 1; d--)
+    for (int d = std::min(H, mla_attn_max_heads(C, R)); d >= 1; d--)
       if (H % d == 0) {
         hg = d;
         break;
@@ -1390,6 +1416,7 @@ class Context : public Napi::ObjectWrap<Context> {
   }
 
   int dev_ = 0, sms_ = 1, cc_ = 0;
+  bool fnuz_ = false;  // FP8 weights held as e4m3fnuz (gfx94x)
   int actBf16_ = 0, actQuant_ = 0;
   bool alive_ = false;
   cudaStream_t stream_ = nullptr;
@@ -1414,6 +1441,68 @@ class Context : public Napi::ObjectWrap<Context> {
 };
 
 // probe() -> {ok, devices} | {ok: false, reason}
+#if defined(DS3_HIP)
+/** the gfx targets this addon has code objects for (DS3_HIP_ARCHS from CMake) */
+bool hip_arch_built(const std::string& arch) {
+  const std::string built = DS3_HIP_ARCHS;  // e.g. "gfx90a;gfx942"
+  const std::string base = arch.substr(0, arch.find(':'));
+  size_t i = 0;
+  while (i <= built.size()) {
+    const size_t j = std::min(built.find(';', i), built.size());
+    if (built.compare(i, j - i, base) == 0) return true;
+    i = j + 1;
+  }
+  return false;
+}
+Napi::Value Probe(const Napi::CallbackInfo& info) {
+  auto env = info.Env();
+  auto r = Napi::Object::New(env);
+  int n = 0;
+  hipError_t e = hipGetDeviceCount(&n);
+  if (e != hipSuccess || n == 0) {
+    hipGetLastError();
+    r.Set("ok", false);
+    std::string why = e != hipSuccess ? hipGetErrorString(e) : "no ROCm devices found";
+    if (access("/dev/kfd", F_OK) != 0) why += " (no /dev/kfd: the amdgpu kernel driver is not loaded, or the container lacks --device=/dev/kfd)";
+    r.Set("reason", "ROCm not available: " + why);
+    return r;
+  }
+  auto devs = Napi::Array::New(env);
+  auto archs = Napi::Array::New(env);
+  uint32_t k = 0;
+  std::string skipped;
+  for (int i = 0; i < n; i++) {
+    hipDeviceProp_t p{};
+    if (hipGetDeviceProperties(&p, i) != hipSuccess) continue;
+    const std::string arch = p.gcnArchName;
+    const std::string base = arch.substr(0, arch.find(':'));
+    const char* fp8 = base.rfind("gfx94", 0) == 0 ? "fp8 e4m3fnuz" : base == "gfx950" ? "fp8 e4m3fn" : "no fp8";
+    char buf[512];
+    snprintf(buf, sizeof buf, "rocm:%d %s (%s, %.1f GiB, %d CUs, wave%d, %s)", i, p.name, arch.c_str(),
+             double(p.totalGlobalMem) / (1024.0 * 1024 * 1024), p.multiProcessorCount, p.warpSize, fp8);
+    if (!hip_arch_built(arch) || p.warpSize != WARP) {
+      skipped += std::string(skipped.empty() ? "" : "; ") + buf + " has no code object in this build (built for " DS3_HIP_ARCHS ")";
+      continue;
+    }
+    archs.Set(k, base);
+    devs.Set(k++, std::string(buf));
+  }
+  if (k == 0) {
+    r.Set("ok", false);
+    r.Set("reason", "ROCm not available: no supported GPU (" + skipped + ")");
+    return r;
+  }
+  int drv = 0, rt = 0;
+  hipDriverGetVersion(&drv);
+  hipRuntimeGetVersion(&rt);
+  r.Set("ok", true);
+  r.Set("devices", devs);
+  r.Set("archs", archs);
+  r.Set("driver", drv);
+  r.Set("runtime", rt);
+  return r;
+}
+#else
 Napi::Value Probe(const Napi::CallbackInfo& info) {
   auto env = info.Env();
   auto r = Napi::Object::New(env);
@@ -1455,10 +1544,16 @@ Napi::Value Probe(const Napi::CallbackInfo& info) {
   return r;
 }
 
+#endif
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Context", Context::Define(env));
   exports.Set("probe", Napi::Function::New(env, Probe));
+#if defined(DS3_HIP)
+  exports.Set("built", Napi::String::New(env, "rocm"));
+#else
   exports.Set("built", Napi::String::New(env, "cuda"));
+#endif
 #ifdef DS3_HAVE_NCCL
   {
     int v = 0;
@@ -1473,4 +1568,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
 
 }  // namespace
 
+#if defined(DS3_HIP)
+NODE_API_MODULE(ds3_rocm, Init)
+#else
 NODE_API_MODULE(ds3_cuda, Init)
+#endif

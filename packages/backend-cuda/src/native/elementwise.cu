@@ -23,11 +23,11 @@ void launch_embed(cudaStream_t s, const WDesc* table, int, int64_t vrows, int D,
 
 __device__ float block_sum(float v, float* red) {
   v = warp_sum(v);
-  const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+  const int w = threadIdx.x / WARP, l = threadIdx.x % WARP;
   __syncthreads();
   if (l == 0) red[w] = v;
   __syncthreads();
-  const int nw = (blockDim.x + 31) >> 5;
+  const int nw = (blockDim.x + WARP - 1) / WARP;
   float r = 0.f;
   for (int i = 0; i < nw; i++) r += red[i];
   return r;
@@ -35,7 +35,7 @@ __device__ float block_sum(float v, float* red) {
 
 __global__ void rms_norm_kernel(const float* __restrict__ x, int D, const WDesc* __restrict__ wd, float eps, float* __restrict__ y,
                                 int round) {
-  __shared__ float red[32];
+  __shared__ float red[32];  // per warp (<= 1024 / WARP)
   const int t = blockIdx.x;
   const float* xr = x + int64_t(t) * D;
   const WDesc w = *wd;  // issued early: its latency overlaps the sum below
@@ -146,17 +146,17 @@ __device__ __forceinline__ void argmax_merge(float& bv, int& bi, float v, int i)
 __device__ void block_argmax_to(float best, int idx, float* outv, int* outi) {
   __shared__ float bv[32];
   __shared__ int bi[32];
-  for (int o = 16; o > 0; o >>= 1) argmax_merge(best, idx, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, idx, o));
-  const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+  for (int o = WARP / 2; o > 0; o >>= 1) argmax_merge(best, idx, shfl_xor(best, o), shfl_xor(idx, o));
+  const int w = threadIdx.x / WARP, l = threadIdx.x % WARP;
   if (l == 0) bv[w] = best, bi[w] = idx;
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int i = 1; i < int(blockDim.x >> 5); i++) argmax_merge(best, idx, bv[i], bi[i]);
+    for (int i = 1; i < int(blockDim.x / WARP); i++) argmax_merge(best, idx, bv[i], bi[i]);
     *outv = best;
     *outi = idx;
   }
 }
-// stage 1: blockIdx.y = chunk of the row; stage 2: one warp per row over the chunks (ties: lowest index; NaN never wins)
+// stage 1: blockIdx.y = chunk of the row; stage 2: one warp (WARP threads) per row over the chunks (ties: lowest index; NaN never wins)
 __global__ void argmax_partial_kernel(const float* __restrict__ x, int N, float* pv, int* pi) {
   const int chunks = gridDim.y, c = blockIdx.y;
   const int per = (N + chunks - 1) / chunks, b = c * per, e = min(N, b + per);
@@ -169,8 +169,8 @@ __global__ void argmax_partial_kernel(const float* __restrict__ x, int N, float*
 __global__ void argmax_final_kernel(const float* pv, const int* pi, int chunks, int* out) {
   float best = -INFINITY;
   int idx = 0x7fffffff;
-  for (int i = threadIdx.x; i < chunks; i += 32) argmax_merge(best, idx, pv[blockIdx.x * chunks + i], pi[blockIdx.x * chunks + i]);
-  for (int o = 16; o > 0; o >>= 1) argmax_merge(best, idx, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, idx, o));
+  for (int i = threadIdx.x; i < chunks; i += WARP) argmax_merge(best, idx, pv[blockIdx.x * chunks + i], pi[blockIdx.x * chunks + i]);
+  for (int o = WARP / 2; o > 0; o >>= 1) argmax_merge(best, idx, shfl_xor(best, o), shfl_xor(idx, o));
   if (threadIdx.x == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
 }
 __global__ void gather_cols_kernel(const float* __restrict__ g, int ws, int rows, int cols, float* __restrict__ y) {
@@ -187,7 +187,7 @@ void launch_gather_cols(cudaStream_t s, const float* g, int ws, int rows, int co
 void launch_argmax(cudaStream_t s, const float* x, int T, int N, int chunks, float* pv, int* pi, int* out) {
   if (T <= 0) return;
   argmax_partial_kernel<<<dim3(T, chunks), 256, 0, s>>>(x, N, pv, pi);
-  argmax_final_kernel<<<T, 32, 0, s>>>(pv, pi, chunks, out);
+  argmax_final_kernel<<<T, WARP, 0, s>>>(pv, pi, chunks, out);
 }
 
 // ---- random weights on the device (benchmarks: nothing large crosses from the host) ------------------------
@@ -210,7 +210,7 @@ __global__ void fill_random_kernel(void* out, int dtype, int64_t n, uint64_t see
       const float u = urand(seed, uint64_t(j));
       if (dtype == W_F8) static_cast<uint8_t*>(out)[j] = to_fp8_bits(u * 448.0f);
       else if (dtype == W_BF16) static_cast<__nv_bfloat16*>(out)[j] = __float2bfloat16_rn(u * amp);
-      else if (dtype == W_F16) static_cast<__half*>(out)[j] = __float2half_rn(u * amp);
+      else if (dtype == W_F16) static_cast<uint16_t*>(out)[j] = f32_to_f16_bits(u * amp);
       else static_cast<float*>(out)[j] = u * amp;
     }
   }
@@ -235,6 +235,17 @@ __global__ void fill_cache_random_kernel(void* cache, int bf16, int64_t n, uint6
 }
 void launch_fill_cache_random(cudaStream_t s, void* cache, int bf16, int64_t n, uint64_t seed) {
   if (n > 0) fill_cache_random_kernel<<<blocks_for(n, 256), 256, 0, s>>>(cache, bf16, n, seed);
+}
+
+// e4m3fnuz (bias 8) holds every e4m3fn value halved, with the same byte: the scales double; 0x80 (-0 in OCP) is
+// NaN in fnuz and becomes +0. (OCP NaN bytes 0x7f/0xff would turn into +-240: checkpoints hold none.)
+__global__ void fp8_to_fnuz_kernel(uint8_t* __restrict__ w, int64_t n, float* __restrict__ scale, int64_t ns) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    if (w[i] == 0x80) w[i] = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < ns; i += int64_t(gridDim.x) * blockDim.x) scale[i] *= 2.0f;
+}
+void launch_fp8_to_fnuz(cudaStream_t s, uint8_t* w, int64_t n, float* scale, int64_t nscale) {
+  if (n > 0) fp8_to_fnuz_kernel<<<blocks_for(n, 256), 256, 0, s>>>(w, n, scale, nscale);
 }
 
 __global__ void dequant_kernel(const uint8_t* __restrict__ w, const float* __restrict__ scale, int64_t rows, int64_t cols, int sc,

@@ -9,6 +9,7 @@
 //    weights. 64x128x128 tiles, cp.async double buffering.
 #include <algorithm>
 #include <cstdio>
+#include <stdexcept>
 
 #include "common.cuh"
 
@@ -75,8 +76,9 @@ __device__ __forceinline__ void dequant16(const WDesc& w, int64_t row, int k, co
   }
 }
 
+// blocks of 8 warps (256 threads on CUDA, 512 on AMD); each lane streams 16-element chunks, a warp WARP * 16
 template <int WT, int MC, bool DUAL, int KS, int UD = 1>
-__global__ void __launch_bounds__(256, (MC <= 2 || (MC <= 4 && !DUAL)) ? 2 : 1) gemv_kernel(const GemmArgs p) {
+__global__ void __launch_bounds__(8 * WARP, (MC <= 2 || (MC <= 4 && !DUAL)) ? 2 : 1) gemv_kernel(const GemmArgs p) {
   // KS > 1: the KS warps of a row slot split K (few output rows: more blocks in flight), summed in shared memory
   __shared__ float red[KS > 1 ? 8 * 2 * MC * (DUAL ? 2 : 1) : 1];
   constexpr int R = 2;  // weight rows per warp
@@ -95,7 +97,7 @@ __global__ void __launch_bounds__(256, (MC <= 2 || (MC <= 4 && !DUAL)) ? 2 : 1) 
   const int z = blockIdx.z;
   const float* __restrict__ x = p.x + z * p.xz;
   float* __restrict__ y = p.y + z * p.yz;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
   const int K = p.K;
   constexpr int SLOTS = 8 / KS;  // row slots per block
   const int slot = warp / KS, ks = warp % KS;
@@ -124,11 +126,11 @@ __global__ void __launch_bounds__(256, (MC <= 2 || (MC <= 4 && !DUAL)) ? 2 : 1) 
 #pragma unroll
       for (int m = 0; m < MC; m++) acc[r][m] = acc2[r][m] = 0.f;
 
-    for (int kb = kBeg + lane * 16; kb < kEnd; kb += 32 * 16 * U) {
+    for (int kb = kBeg + lane * 16; kb < kEnd; kb += WARP * 16 * U) {
       Raw16<WT> raw[U][R], raw2[U][R];
 #pragma unroll
       for (int u = 0; u < U; u++) {
-        const int k = kb + u * 512;
+        const int k = kb + u * WARP * 16;
 #pragma unroll
         for (int r = 0; r < R; r++)
           if (k < kEnd && r < nr) {
@@ -138,7 +140,7 @@ __global__ void __launch_bounds__(256, (MC <= 2 || (MC <= 4 && !DUAL)) ? 2 : 1) 
       }
 #pragma unroll
       for (int u = 0; u < U; u++) {
-        const int k = kb + u * 512;
+        const int k = kb + u * WARP * 16;
         if (k >= kEnd) break;
         float wf[R][16], wf2[DUAL ? R : 1][16];
 #pragma unroll
@@ -254,17 +256,17 @@ static void gemv_go(cudaStream_t s, const GemmArgs& a, int slots, int z) {
   dim3 grid(std::min(groups, std::max(per, (groups + 7) / 8)), slots, z);
   if constexpr (!DUAL && MC != 2) {
     if (ks) {
-      gemv_kernel<WT, MC, false, 8><<<grid, 256, 0, s>>>(a);
+      gemv_kernel<WT, MC, false, 8><<<grid, 8 * WARP, 0, s>>>(a);
       return;
     }
   }
   if constexpr (WT == W_F8 && DUAL && MC == 1) {
     if (g_tune.dualU == 2) {
-      gemv_kernel<WT, MC, DUAL, 1, 2><<<grid, 256, 0, s>>>(a);
+      gemv_kernel<WT, MC, DUAL, 1, 2><<<grid, 8 * WARP, 0, s>>>(a);
       return;
     }
   }
-  gemv_kernel<WT, MC, DUAL, 1><<<grid, 256, 0, s>>>(a);
+  gemv_kernel<WT, MC, DUAL, 1><<<grid, 8 * WARP, 0, s>>>(a);
 }
 
 template <int WT>
@@ -371,6 +373,7 @@ void launch_simt(cudaStream_t s, const GemmArgs& a, int wtype, int mtiles, int z
 }
 
 // ---- tensor cores -------------------------------------------------------------------------------------------
+#if defined(DS3_HAVE_MMA)
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int sz = valid ? 16 : 0;
@@ -660,13 +663,21 @@ void launch_tc(cudaStream_t s, const GemmArgs& a, bool fp8a, bool wbf16, int mti
   else if (wbf16) tc_go<false, true>(s, a, mtiles);
   else tc_go<false, false>(s, a, mtiles);
 }
+#else
+// AMD (and the emulator): no mma.sync kernel; the addon reports compute capability 0 there and never picks it
+void launch_tc(cudaStream_t, const GemmArgs&, bool, bool, int) {
+  throw std::runtime_error("the tensor-core GEMM is built only for CUDA (on ROCm the GEMV/SIMT kernels run)");
+}
+#endif
 
 // ---- activation preparation ------------------------------------------------------------------------------------
 template <int MODE>
 __global__ void act_prep_kernel(const float* __restrict__ x, int64_t ldx, const float* __restrict__ x2, int silu_mul,
                                 const int* __restrict__ rowIdx, const int* __restrict__ nRows, int rows, int K, void* out,
                                 float* scales, int round) {
-  const int gw = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+  // one warp per (row, 128-channel block): EPL channels per lane (4 at 32 lanes, 2 at 64)
+  constexpr int EPL = 128 / WARP;
+  const int gw = (blockIdx.x * blockDim.x + threadIdx.x) / WARP, lane = threadIdx.x % WARP;
   const int ksb = (K + 127) / 128;
   const int row = gw / ksb, kb = gw % ksb;
   if (row >= rows) return;
@@ -674,10 +685,10 @@ __global__ void act_prep_kernel(const float* __restrict__ x, int64_t ldx, const 
   const int src = rowIdx ? rowIdx[row] : row;
   const float* xr = x + int64_t(src) * ldx;
   const float* ur = silu_mul ? x2 + int64_t(src) * ldx : nullptr;
-  const int k0 = kb * 128 + lane * 4;
-  float v[4];
+  const int k0 = kb * 128 + lane * EPL;
+  float v[EPL];
 #pragma unroll
-  for (int i = 0; i < 4; i++) {
+  for (int i = 0; i < EPL; i++) {
     const int k = k0 + i;
     float a = k < K ? xr[k] : 0.f;
     if (silu_mul) a = maybe_bf16(silu(a) * (k < K ? ur[k] : 0.f), round);
@@ -686,28 +697,30 @@ __global__ void act_prep_kernel(const float* __restrict__ x, int64_t ldx, const 
   if constexpr (MODE == PREP_COPY) {
     float* o = static_cast<float*>(out) + int64_t(row) * K;
 #pragma unroll
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < EPL; i++)
       if (k0 + i < K) o[k0 + i] = v[i];
   } else if constexpr (MODE == PREP_BF16) {
     __nv_bfloat16* o = static_cast<__nv_bfloat16*>(out) + int64_t(row) * K;
 #pragma unroll
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < EPL; i++)
       if (k0 + i < K) o[k0 + i] = __float2bfloat16_rn(v[i]);
   } else {
-    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < EPL; i++) amax = fmaxf(amax, fabsf(v[i]));
     amax = fmaxf(warp_max(amax), 1e-4f);
     float s = amax / 448.0f;
     if constexpr (MODE == PREP_FP8_UE8M0 || MODE == PREP_QDQ_UE8M0) s = exp2f(ceilf(log2f(s)));
     if constexpr (MODE == PREP_FP8 || MODE == PREP_FP8_UE8M0) {
       uint8_t* o = static_cast<uint8_t*>(out) + int64_t(row) * K;
 #pragma unroll
-      for (int i = 0; i < 4; i++)
+      for (int i = 0; i < EPL; i++)
         if (k0 + i < K) o[k0 + i] = to_fp8_bits(v[i] / s);
       if (lane == 0) scales[int64_t(row) * ksb + kb] = s;
     } else {
       float* o = static_cast<float*>(out) + int64_t(row) * K;
 #pragma unroll
-      for (int i = 0; i < 4; i++)
+      for (int i = 0; i < EPL; i++)
         if (k0 + i < K) o[k0 + i] = round_fp8(v[i] / s) * s;
     }
   }
@@ -719,7 +732,7 @@ void launch_act_prep(cudaStream_t s, int mode, const float* x, int64_t ldx, cons
   const int64_t warps = int64_t(rows) * ((K + 127) / 128);
   const int blocks = int((warps + 7) / 8);
 #define PREP_CASE(M) \
-  case M: act_prep_kernel<M><<<blocks, 256, 0, s>>>(x, ldx, x2, silu_mul, rowIdx, nRows, rows, K, out, scales, round); break;
+  case M: act_prep_kernel<M><<<blocks, 8 * WARP, 0, s>>>(x, ldx, x2, silu_mul, rowIdx, nRows, rows, K, out, scales, round); break;
   switch (mode) {
     PREP_CASE(PREP_FP8)
     PREP_CASE(PREP_FP8_UE8M0)
@@ -727,7 +740,7 @@ void launch_act_prep(cudaStream_t s, int mode, const float* x, int64_t ldx, cons
     PREP_CASE(PREP_QDQ)
     PREP_CASE(PREP_QDQ_UE8M0)
     default:
-      act_prep_kernel<PREP_COPY><<<blocks, 256, 0, s>>>(x, ldx, x2, silu_mul, rowIdx, nRows, rows, K, out, scales, round);
+      act_prep_kernel<PREP_COPY><<<blocks, 8 * WARP, 0, s>>>(x, ldx, x2, silu_mul, rowIdx, nRows, rows, K, out, scales, round);
   }
 #undef PREP_CASE
 }

@@ -6,6 +6,7 @@
 //     Splits (flash-decoding) keep the GPU busy when there are few tokens; a combine kernel merges them.
 //  4. (addon) the value projection out[t, h] = o_lat[t, h] @ wkv_b[h, nope:]^T runs on the GEMV/SIMT kernels.
 #include <cfloat>
+#include <stdexcept>
 
 #include "common.cuh"
 
@@ -78,6 +79,7 @@ __global__ void __launch_bounds__(256) mla_absorb_kernel(const float* __restrict
 // Vectorized absorb: thread = (8-channel chunk, row group); rows i = rg, rg + nRG, ...; 8 tokens per block;
 // row groups reduced through shared memory. Needs C / 8 to divide 256.
 constexpr int ABV_TT = 8;
+constexpr int kAbsorbSmem = kMaxSmemBytes < 160u * 1024 ? int(kMaxSmemBytes) : 160 * 1024;  // 160 KB on CUDA, 64 KB on AMD
 template <int WT>
 __global__ void __launch_bounds__(256) mla_absorb_vec_kernel(const float* __restrict__ q, int T, int H, int QW, int nope,
                                                              const WDesc* __restrict__ wd, int HD, int C, float* __restrict__ qa) {
@@ -218,13 +220,13 @@ void launch_mla_absorb(cudaStream_t s, const float* q, int T, int H, int QW, int
     int dev = 0;
     cudaGetDevice(&dev);
     if (configuredDev != dev) {
-      cudaFuncSetAttribute(mla_absorb_vec_kernel<W_F8>, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
-      cudaFuncSetAttribute(mla_absorb_vec_kernel<W_BF16>, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
-      cudaFuncSetAttribute(mla_absorb_vec_kernel<W_F16>, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
-      cudaFuncSetAttribute(mla_absorb_vec_kernel<W_F32>, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
+      cudaFuncSetAttribute(mla_absorb_vec_kernel<W_F8>, cudaFuncAttributeMaxDynamicSharedMemorySize, kAbsorbSmem);
+      cudaFuncSetAttribute(mla_absorb_vec_kernel<W_BF16>, cudaFuncAttributeMaxDynamicSharedMemorySize, kAbsorbSmem);
+      cudaFuncSetAttribute(mla_absorb_vec_kernel<W_F16>, cudaFuncAttributeMaxDynamicSharedMemorySize, kAbsorbSmem);
+      cudaFuncSetAttribute(mla_absorb_vec_kernel<W_F32>, cudaFuncAttributeMaxDynamicSharedMemorySize, kAbsorbSmem);
       configuredDev = dev;
     }
-    if (sm <= 160 * 1024) {
+    if (sm <= kAbsorbSmem) {
       switch (wtype) {
         case W_F8: mla_absorb_vec_kernel<W_F8><<<grid, 256, sm, s>>>(q, T, H, QW, nope, w, HD, C, qa); return;
         case W_BF16: mla_absorb_vec_kernel<W_BF16><<<grid, 256, sm, s>>>(q, T, H, QW, nope, w, HD, C, qa); return;
@@ -243,11 +245,28 @@ void launch_mla_absorb(cudaStream_t s, const float* q, int T, int H, int QW, int
   }
 }
 
-constexpr int AJ = 32;      // cache positions per tile
+// cache positions per tile: 32 where shared memory is large (Hopper); 16 on AMD (64 KB of LDS: the tile of
+// 32 fp32 positions x 577 alone is 74 KB), where heads per block are limited by mla_attn_max_heads
+constexpr int AJ = kMaxSmemBytes >= 100u * 1024 ? 32 : 16;
 constexpr int AHG = 16;     // most heads per block
 constexpr int ATHR = 256;   // threads; each owns channels tid and tid + 256 (C <= 512)
+// lanes = (head slot, position): a warp scores HPW heads at once (1 on CUDA; 4 on AMD: 64 lanes, 16 positions)
+constexpr int ANW = ATHR / WARP;                  // warps per block
+constexpr int HPW = WARP / AJ;                    // heads per warp and pass
+constexpr int HPP = ANW * HPW;                    // heads per pass
+constexpr int AHH = (AHG + HPP - 1) / HPP;        // passes (2 on CUDA, 1 on AMD)
+static_assert(AJ <= WARP && WARP % AJ == 0 && AJ % 4 == 0, "attention tile vs warp width");
 
 static size_t attn_smem(int hg, int W) { return sizeof(float) * (size_t(hg) * W + size_t(AJ) * (W + 1) + size_t(hg) * AJ + 3 * hg); }
+int mla_attn_max_heads(int C, int R) {
+#if defined(DS3_HAVE_MMA)
+  return AHG;  // CUDA: 16 fit (attention shared memory is raised to what the group needs)
+#else
+  int hg = AHG;
+  while (hg > 1 && attn_smem(hg, C + R) > kMaxSmemBytes) hg--;
+  return hg;
+#endif
+}
 
 __global__ void __launch_bounds__(ATHR) mla_attn_kernel(const AttnArgs a) {
   extern __shared__ __align__(16) float sm[];
@@ -259,7 +278,8 @@ __global__ void __launch_bounds__(ATHR) mla_attn_kernel(const AttnArgs a) {
   float* ls = al + hg;          // [hg]
   float* ms = ls + hg;          // [hg]
   const int t = blockIdx.x, h0 = blockIdx.y * hg, split = blockIdx.z;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
+  const int jl = lane % AJ, hs = lane / AJ;  // position in the tile, head slot of this lane
   const int P = a.m.pos[t] + 1;
   const int jb = split * a.splitLen, je = min(P, jb + a.splitLen);
   const int seq = a.m.seq[t];
@@ -267,14 +287,16 @@ __global__ void __launch_bounds__(ATHR) mla_attn_kernel(const AttnArgs a) {
     const int h = i / W, k = i - h * W;
     qs[i] = k < C ? a.qa[(int64_t(t) * H + h0 + h) * C + k] : a.q[int64_t(t) * H * a.QW + int64_t(h0 + h) * a.QW + a.nope + (k - C)];
   }
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  float m_run[AHH], l_run[AHH];
+#pragma unroll
+  for (int hh = 0; hh < AHH; hh++) m_run[hh] = -INFINITY, l_run[hh] = 0.f;
   float o[AHG][2];
 #pragma unroll
   for (int h = 0; h < AHG; h++) o[h][0] = o[h][1] = 0.f;
 
   for (int j0 = jb; j0 < je; j0 += AJ) {
     __syncthreads();
-    for (int jj = warp; jj < AJ; jj += ATHR / 32) {
+    for (int jj = warp; jj < AJ; jj += ANW) {
       const int j = j0 + jj;
       float* dst = kvs + jj * WP;
       if (j < je) {
@@ -282,22 +304,24 @@ __global__ void __launch_bounds__(ATHR) mla_attn_kernel(const AttnArgs a) {
         const int64_t o0 = a.layerOff + slot * W;
         if (a.cbf16) {
           const __nv_bfloat16* src = static_cast<const __nv_bfloat16*>(a.cache) + o0;
-          for (int k = lane; k < W; k += 32) dst[k] = __bfloat162float(src[k]);
+          for (int k = lane; k < W; k += WARP) dst[k] = __bfloat162float(src[k]);
         } else {
           const float* src = static_cast<const float*>(a.cache) + o0;
-          for (int k = lane; k < W; k += 32) dst[k] = src[k];
+          for (int k = lane; k < W; k += WARP) dst[k] = src[k];
         }
       } else {
-        for (int k = lane; k < W; k += 32) dst[k] = 0.f;
+        for (int k = lane; k < W; k += WARP) dst[k] = 0.f;
       }
     }
     __syncthreads();
 #pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-      const int h = warp + hh * (ATHR / 32);
-      if (h < hg) {
-        const float* qh = qs + h * W;
-        const float* kr = kvs + lane * WP;
+    for (int hh = 0; hh < AHH; hh++) {
+      const int h = warp * HPW + hs + hh * HPP;
+      const bool hv = h < hg;
+      // with one head per warp the branch is warp-uniform; with several, every lane runs the warp reductions
+      if (HPW > 1 || hv) {
+        const float* qh = qs + (hv ? h : 0) * W;
+        const float* kr = kvs + jl * WP;
         float s0 = 0.f, s1 = 0.f;
         for (int k = 0; k < W; k += 4) {
           const float4 q4 = *reinterpret_cast<const float4*>(qh + k);
@@ -306,15 +330,17 @@ __global__ void __launch_bounds__(ATHR) mla_attn_kernel(const AttnArgs a) {
           s0 = fmaf(q4.z, kr[k + 2], s0);
           s1 = fmaf(q4.w, kr[k + 3], s1);
         }
-        const bool valid = j0 + lane < je;
+        const bool valid = hv && j0 + jl < je;
         const float sc = valid ? (s0 + s1) * a.scale : -INFINITY;
-        const float mn = fmaxf(m_run[hh], warp_max(sc));
+        const float mn = fmaxf(m_run[hh], warp_max<AJ>(sc));
         const float alpha = expf(m_run[hh] - mn);
         const float pj = valid ? expf(sc - mn) : 0.f;
-        l_run[hh] = l_run[hh] * alpha + warp_sum(pj);
+        l_run[hh] = l_run[hh] * alpha + warp_sum<AJ>(pj);
         m_run[hh] = mn;
-        ps[h * AJ + lane] = pj;
-        if (lane == 0) al[h] = alpha;
+        if (hv) {
+          ps[h * AJ + jl] = pj;
+          if (jl == 0) al[h] = alpha;
+        }
       }
     }
     __syncthreads();
@@ -339,9 +365,9 @@ __global__ void __launch_bounds__(ATHR) mla_attn_kernel(const AttnArgs a) {
   }
   __syncthreads();
 #pragma unroll
-  for (int hh = 0; hh < 2; hh++) {
-    const int h = warp + hh * (ATHR / 32);
-    if (h < hg && lane == 0) {
+  for (int hh = 0; hh < AHH; hh++) {
+    const int h = warp * HPW + hs + hh * HPP;
+    if (h < hg && jl == 0) {
       ls[h] = l_run[hh];
       ms[h] = m_run[hh];
     }
@@ -404,6 +430,7 @@ void launch_mla_attn(cudaStream_t s, const AttnArgs& a) {
 }
 
 // ---- tensor-core attention (bf16 latent cache, the fast modes) -----------------------------------------------
+#if defined(DS3_HAVE_MMA)
 // One block per (token, group of <= 16 heads, split): the 16 query rows (heads) in bf16 against
 // 64-position tiles of the cache staged by cp.async; S = Q K^T and O += P V on mma.sync m16n8k16
 // (fp32 accumulators), online softmax in fp32 between them. 8 warps: warp w owns positions
@@ -585,5 +612,13 @@ void launch_mla_attn_tc(cudaStream_t s, const AttnArgs& a) {
   mla_attn_tc_kernel<<<grid, 256, sm, s>>>(a);
   if (a.nsplit > 1) mla_combine_kernel<<<a.T * a.H, 256, 0, s>>>(a.part_o, a.part_ml, a.nsplit, a.C, a.out);
 }
+
+#else
+// AMD (and the emulator): the SIMT attention runs for every cache (the addon reports compute capability 0)
+bool mla_attn_tc_ok(int, int, int, int) { return false; }
+void launch_mla_attn_tc(cudaStream_t, const AttnArgs&) {
+  throw std::runtime_error("the tensor-core attention is built only for CUDA (on ROCm the SIMT attention runs)");
+}
+#endif
 
 }  // namespace ds3cu

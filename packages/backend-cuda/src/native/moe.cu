@@ -10,32 +10,32 @@
 namespace ds3cu {
 
 __device__ void block_argmax(float v, int i, float* rv, int* ri, float& bv, int& bi) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-    const int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+  for (int o = WARP / 2; o > 0; o >>= 1) {
+    const float v2 = shfl_xor(v, o);
+    const int i2 = shfl_xor(i, o);
     if (v2 > v || (v2 == v && i2 < i)) v = v2, i = i2;
   }
-  const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+  const int w = threadIdx.x / WARP, l = threadIdx.x % WARP;
   __syncthreads();
   if (l == 0) rv[w] = v, ri[w] = i;
   __syncthreads();
   bv = rv[0];
   bi = ri[0];
-  for (int k = 1; k < int(blockDim.x >> 5); k++)
+  for (int k = 1; k < int(blockDim.x / WARP); k++)
     if (rv[k] > bv || (rv[k] == bv && ri[k] < bi)) bv = rv[k], bi = ri[k];
 }
 
 __device__ float block_reduce(float v, float* red, bool isMax) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = WARP / 2; o > 0; o >>= 1) {
+    const float v2 = shfl_xor(v, o);
     v = isMax ? fmaxf(v, v2) : v + v2;
   }
-  const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+  const int w = threadIdx.x / WARP, l = threadIdx.x % WARP;
   __syncthreads();
   if (l == 0) red[w] = v;
   __syncthreads();
   float r = red[0];
-  for (int k = 1; k < int(blockDim.x >> 5); k++) r = isMax ? fmaxf(r, red[k]) : r + red[k];
+  for (int k = 1; k < int(blockDim.x / WARP); k++) r = isMax ? fmaxf(r, red[k]) : r + red[k];
   return r;
 }
 
@@ -125,7 +125,7 @@ __global__ void moe_route_kernel(const float* __restrict__ logits, int E, const 
 void launch_moe_route(cudaStream_t s, const float* logits, int T, int E, const float* bias, int topk, int ng, int tg, int sigmoid,
                       int norm, float scale, float* out) {
   if (T <= 0) return;
-  const int threads = ((E + 31) / 32) * 32;
+  const int threads = ((E + WARP - 1) / WARP) * WARP;  // whole warps: the reductions read every lane
   moe_route_kernel<<<T, threads, size_t(2 * E) * sizeof(float), s>>>(logits, E, bias, topk, ng, tg, sigmoid, norm, scale, out);
 }
 
@@ -145,16 +145,16 @@ __global__ void __launch_bounds__(1024) moe_plan_kernel(const float* __restrict_
     if (e >= 0 && e < nLocal) atomicAdd(&cnt[e], 1);
   }
   __syncthreads();
-  if (tid < 32) {
-    // warp 0 scans the experts 32 at a time: row offsets, active slots, (slot, m-tile) work items
+  if (tid < WARP) {
+    // warp 0 scans the experts WARP at a time: row offsets, active slots, (slot, m-tile) work items
     int o = 0, na = 0, nt = 0;
-    for (int base = 0; base < nLocal; base += 32) {
+    for (int base = 0; base < nLocal; base += WARP) {
       const int e = base + tid;
       const int c = e < nLocal ? cnt[e] : 0;
       const int act = c > 0 ? 1 : 0, tl = (c + bm - 1) / bm;
       int sc = c, sa = act, st = tl;  // inclusive scans
-      for (int d = 1; d < 32; d <<= 1) {
-        const int x1 = __shfl_up_sync(0xffffffffu, sc, d), x2 = __shfl_up_sync(0xffffffffu, sa, d), x3 = __shfl_up_sync(0xffffffffu, st, d);
+      for (int d = 1; d < WARP; d <<= 1) {
+        const int x1 = shfl_up(sc, d), x2 = shfl_up(sa, d), x3 = shfl_up(st, d);
         if (tid >= d) sc += x1, sa += x2, st += x3;
       }
       const int myOff = o + sc - c, mySlot = na + sa - act, myTile = nt + st - tl;
@@ -170,9 +170,9 @@ __global__ void __launch_bounds__(1024) moe_plan_kernel(const float* __restrict_
           }
         }
       }
-      o += __shfl_sync(0xffffffffu, sc, 31);
-      na += __shfl_sync(0xffffffffu, sa, 31);
-      nt += __shfl_sync(0xffffffffu, st, 31);
+      o += shfl(sc, WARP - 1);
+      na += shfl(sa, WARP - 1);
+      nt += shfl(st, WARP - 1);
     }
     if (tid == 0) {
       p.counters[0] = na;

@@ -1,7 +1,7 @@
 // ds3 CUDA backend: host-side launchers of the kernels (one .cu file per op family).
 // Plain C++: included by the Node-API glue (addon.cpp, built by the host compiler) and by the .cu files.
 #pragma once
-#include <cuda_runtime_api.h>
+#include "vendor.h"
 #include <stdint.h>
 
 namespace ds3cu {
@@ -99,6 +99,8 @@ void launch_gather_cols(cudaStream_t s, const float* g, int ws, int rows, int co
  *  scratch float64 [T, N]; ids [T] (-1: the row has NaN/+inf or nothing finite), logprobs [T] */
 void launch_sample(cudaStream_t s, const float* x, int T, int N, const double* params, const double* u, double* scratch, int* ids,
                    float* logprobs);
+/** OCP e4m3fn weight bytes -> e4m3fnuz in place (0x80 -> 0, others unchanged) and their block scales doubled */
+void launch_fp8_to_fnuz(cudaStream_t s, uint8_t* w, int64_t n, float* scale, int64_t nscale);
 void launch_fill_random(cudaStream_t s, void* out, int dtype, int64_t n, uint64_t seed, float amp);
 void launch_fill_const(cudaStream_t s, float* out, int64_t n, float v);
 void launch_dequant_f32(cudaStream_t s, const uint8_t* w, const float* scale, int64_t rows, int64_t cols, int sc, int o0, int o1,
@@ -135,6 +137,8 @@ struct AttnArgs {
 void launch_mla_attn(cudaStream_t s, const AttnArgs& a);
 /** tensor-core variant for a bf16 cache (positions per split must be a multiple of 64) */
 bool mla_attn_tc_ok(int C, int R, int hg, int cbf16);
+/** most heads per attention block whose shared memory fits the device (16 on CUDA; fewer on AMD's 64 KB LDS) */
+int mla_attn_max_heads(int C, int R);
 void launch_mla_attn_tc(cudaStream_t s, const AttnArgs& a);
 void launch_fill_cache_random(cudaStream_t s, void* cache, int bf16, int64_t n, uint64_t seed);
 

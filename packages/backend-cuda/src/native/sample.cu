@@ -22,8 +22,11 @@ namespace ds3cu {
 
 namespace {
 
-constexpr int ST = 1024;  // threads per row (32 warps)
-constexpr int NW = ST / 32;
+#ifndef DS3_SAMPLE_THREADS
+#define DS3_SAMPLE_THREADS 1024
+#endif
+constexpr int ST = DS3_SAMPLE_THREADS;  // threads per row (32 warps of 32, 16 waves of 64); the emulator test uses fewer
+constexpr int NW = ST / WARP;
 constexpr int NB = 4096;  // top-p buckets of the CPU reference (1/64 nat each)
 // masses in shared-memory histograms: fixed point with 46 fraction bits (w <= 1, V * 2^46 < 2^63), exact and
 // order independent (deterministic), added with warp-aggregated 64-bit integer atomics
@@ -53,13 +56,13 @@ struct Sh {
 };
 
 __device__ double warp_sum_d(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = WARP / 2; o > 0; o >>= 1) v += shfl_xor(v, o);
   return v;
 }
 
 __device__ double block_sum_d(double v, Sh& s) {
   v = warp_sum_d(v);
-  const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+  const int w = threadIdx.x / WARP, l = threadIdx.x % WARP;
   __syncthreads();
   if (l == 0) s.red[w] = v;
   __syncthreads();
@@ -105,13 +108,13 @@ struct Row {
 
 /** index-order search: the first i in pred whose running weight (count if !mass) passes rem (strict: > rem,
  *  else >= rem); -1 when the total does not. Each warp owns a contiguous range; pass 1 sums the ranges
- *  (coalesced), the warp whose range holds the crossing scans it in steps of 32 with a warp scan. */
+ *  (coalesced), the warp whose range holds the crossing scans it in steps of WARP with a warp scan. */
 __device__ int index_search(const Row& R, const Pred& p, bool mass, bool strict, double rem, double* tot, Sh& s) {
-  const int wp = threadIdx.x >> 5, ln = threadIdx.x & 31;
-  const int per = (((R.N + NW - 1) / NW) + 31) & ~31;
+  const int wp = threadIdx.x / WARP, ln = threadIdx.x % WARP;
+  const int per = (((R.N + NW - 1) / NW) + WARP - 1) & ~(WARP - 1);
   const int b0 = wp * per, b1 = min(R.N, b0 + per);
   double acc = 0;
-  for (int i = b0 + ln; i < b1; i += 32)
+  for (int i = b0 + ln; i < b1; i += WARP)
     if (R.in(p, i)) acc += mass ? R.w[i] : 1.0;
   acc = warp_sum_d(acc);
   __syncthreads();
@@ -138,25 +141,25 @@ __device__ int index_search(const Row& R, const Pred& p, bool mass, bool strict,
   if (wp == cw) {
     double carry = s.rem;
     int last = -1;
-    for (int i0 = b0; i0 < b1; i0 += 32) {
+    for (int i0 = b0; i0 < b1; i0 += WARP) {
       const int i = i0 + ln;
       const bool inp = i < b1 && R.in(p, i);
       const double v = inp ? (mass ? R.w[i] : 1.0) : 0.0;
       double inc = v;
-      for (int o = 1; o < 32; o <<= 1) {
-        const double t = __shfl_up_sync(0xffffffffu, inc, o);
+      for (int o = 1; o < WARP; o <<= 1) {
+        const double t = shfl_up(inc, o);
         if (ln >= o) inc += t;
       }
       const double run = carry + inc;
-      const unsigned hit = __ballot_sync(0xffffffffu, inp && (strict ? run > rem : run >= rem));
-      const unsigned anyp = __ballot_sync(0xffffffffu, inp);
-      if (anyp) last = i0 + 31 - __clz(anyp);
+      const lanemask_t hit = ballot(inp && (strict ? run > rem : run >= rem));
+      const lanemask_t anyp = ballot(inp);
+      if (anyp) last = i0 + highest_lane(anyp);
       if (hit) {
-        if (ln == 0) s.cut = i0 + __ffs(hit) - 1;
+        if (ln == 0) s.cut = i0 + lowest_lane(hit);
         last = -2;
         break;
       }
-      carry += __shfl_sync(0xffffffffu, inc, 31);
+      carry += shfl(inc, WARP - 1);
     }
     // the range sums said it crosses here but the running sum fell short by rounding: its last element
     if (last >= 0 && ln == 0) s.cut = last;
@@ -172,7 +175,7 @@ __device__ int index_search(const Row& R, const Pred& p, bool mass, bool strict,
  *  last element's (rank, index) in *tau / *cut (cut = INT_MAX: all ties of tau), false when even the whole
  *  set does not. Four radix passes over the rank key (8 bits each), then the ties in index order. */
 __device__ bool sorted_search(const Row& R, const Pred& p, bool mass, bool strict, double rem, uint32_t* tau, int* cut, Sh& s) {
-  const int wp = threadIdx.x >> 5, ln = threadIdx.x & 31;
+  const int wp = threadIdx.x / WARP, ln = threadIdx.x % WARP;
   uint32_t prefix = 0, mask = 0;
   for (int pass = 0; pass < 4; pass++) {
     const int shift = 24 - 8 * pass;
@@ -181,7 +184,7 @@ __device__ bool sorted_search(const Row& R, const Pred& p, bool mass, bool stric
       s.hc[b] = 0;
     }
     __syncthreads();
-    for (int i0 = wp * 32; i0 < R.N; i0 += ST) {
+    for (int i0 = wp * WARP; i0 < R.N; i0 += ST) {
       const int i = i0 + ln;
       bool act = false;
       uint32_t r = 0;
@@ -190,15 +193,17 @@ __device__ bool sorted_search(const Row& R, const Pred& p, bool mass, bool stric
         act = (r & mask) == prefix && R.in(p, i, r);
       }
       const unsigned bin = act ? (r >> shift) & 255u : 256u;
-      const unsigned g = __match_any_sync(0xffffffffu, bin);
-      const bool leader = act && ln == __ffs(g) - 1;
+      const unsigned long long q = mass && act ? (unsigned long long)(R.w[i] * FX) : 0ull;
+      const unsigned hi = unsigned(q >> 23), lo = unsigned(q & 0x7fffffu);
+      // hi sums up to WARP values < 2^23 (w <= 1): no 32-bit overflow at 64 lanes either
+      lanemask_t g;
+      unsigned hs, ls;
+      match_add2(bin, hi, lo, g, hs, ls);
+      const bool leader = act && ln == lowest_lane(g);
       if (mass) {
-        const unsigned long long q = act ? (unsigned long long)(R.w[i] * FX) : 0ull;
-        const unsigned hi = unsigned(q >> 23), lo = unsigned(q & 0x7fffffu);
-        const unsigned hs = __reduce_add_sync(g, hi), ls = __reduce_add_sync(g, lo);
         if (leader) atomicAdd(&s.hm[bin], ((unsigned long long)hs << 23) + ls);
       } else if (leader) {
-        atomicAdd(&s.hc[bin], unsigned(__popc(g)));
+        atomicAdd(&s.hc[bin], unsigned(popc(g)));
       }
     }
     __syncthreads();
@@ -293,7 +298,7 @@ __global__ void __launch_bounds__(ST) sample_kernel(const float* __restrict__ x,
   const double topP = params[row * 4 + 2];
   const double minP = params[row * 4 + 3];
   const double u = uu[row];
-  const int wp = threadIdx.x >> 5, ln = threadIdx.x & 31;
+  const int wp = threadIdx.x / WARP, ln = threadIdx.x % WARP;
 
   // max / argmax (ties to the lowest id; NaN never wins)
   float bv = -INFINITY;
@@ -304,9 +309,9 @@ __global__ void __launch_bounds__(ST) sample_kernel(const float* __restrict__ x,
     if (v != v || v == INFINITY) bad = true;
     if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float v2 = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
+  for (int o = WARP / 2; o > 0; o >>= 1) {
+    const float v2 = shfl_xor(bv, o);
+    const int i2 = shfl_xor(bi, o);
     if (v2 > bv || (v2 == bv && i2 < bi)) bv = v2, bi = i2;
   }
   __shared__ float fred[NW];
@@ -378,7 +383,7 @@ __global__ void __launch_bounds__(ST) sample_kernel(const float* __restrict__ x,
       const double wlo = ((1 - topP) * tot) / double(N);
       for (int b = threadIdx.x; b < NB; b += ST) mbuck[b] = 0;
       __syncthreads();
-      for (int i0 = wp * 32; i0 < N; i0 += ST) {
+      for (int i0 = wp * WARP; i0 < N; i0 += ST) {
         const int i = i0 + ln;
         bool act = false;
         unsigned b = NB;
@@ -391,17 +396,18 @@ __global__ void __launch_bounds__(ST) sample_kernel(const float* __restrict__ x,
           q = act ? (unsigned long long)(w[i] * FX) : 0ull;
         }
         const unsigned key = act ? b : unsigned(NB);
-        const unsigned g = __match_any_sync(0xffffffffu, key);
-        const unsigned hs = __reduce_add_sync(g, unsigned(q >> 23)), ls = __reduce_add_sync(g, unsigned(q & 0x7fffffu));
-        if (act && ln == __ffs(g) - 1) atomicAdd(&mbuck[b], ((unsigned long long)hs << 23) + ls);
+        lanemask_t g;
+        unsigned hs, ls;
+        match_add2(key, unsigned(q >> 23), unsigned(q & 0x7fffffu), g, hs, ls);
+        if (act && ln == lowest_lane(g)) atomicAdd(&mbuck[b], ((unsigned long long)hs << 23) + ls);
       }
       __syncthreads();
       // first bucket where the remaining target <= its mass (CPU: skip while m[b] < target); warps sum
-      // 128-bucket segments, thread 0 walks the segments, then the buckets of one segment
+      // NB / NW-bucket segments, thread 0 walks the segments, then the buckets of one segment
       {
         unsigned long long segsum = 0;
-        for (int b = wp * (NB / NW) + ln; b < (wp + 1) * (NB / NW); b += 32) segsum += mbuck[b];
-        for (int o = 16; o > 0; o >>= 1) segsum += __shfl_xor_sync(0xffffffffu, segsum, o);
+        for (int b = wp * (NB / NW) + ln; b < (wp + 1) * (NB / NW); b += WARP) segsum += mbuck[b];
+        for (int o = WARP / 2; o > 0; o >>= 1) segsum += shfl_xor(segsum, o);
         __shared__ unsigned long long segs[NW];
         if (ln == 0) segs[wp] = segsum;
         __syncthreads();
