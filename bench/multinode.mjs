@@ -93,6 +93,35 @@ await two.close();
 await new Promise((r) => node1.on("exit", r));
 console.error("two nodes (1+1, loopback):", twoNodes);
 
+// the machine's own round trip on loopback, for scale: 2,000 ping-pongs of a step-sized message
+// (a 1-token decode step's StepInput, v8-serialized as the init connection sends it) with a child
+async function loopbackRttMs() {
+  const port = await freePort();
+  const child = spawn(
+    process.execPath,
+    ["-e", `const s = require("node:net").createServer((c) => { c.setNoDelay(true); c.on("data", (d) => c.write(d)); }); s.listen(${port}, "127.0.0.1", () => console.log("up"));`],
+    { stdio: ["ignore", "pipe", "inherit"] },
+  );
+  await new Promise((r) => child.stdout.once("data", r));
+  const { connect } = await import("node:net");
+  const { serialize } = await import("node:v8");
+  const sock = connect({ host: "127.0.0.1", port });
+  sock.setNoDelay(true);
+  await new Promise((r) => sock.once("connect", r));
+  const msg = serialize({ t: "task", id: 1, rank: 1, task: { kind: "step", step: 1, input: { ids: new Int32Array(1), positions: new Int32Array(1), seqIdx: new Int32Array(1), blockTables: new Int32Array(4), maxBlocks: 4, logitRows: new Int32Array(1) } } });
+  const once = () => new Promise((r) => { let got = 0; const f = (d) => { got += d.length; if (got >= msg.length) { sock.off("data", f); r(); } }; sock.on("data", f); sock.write(msg); });
+  for (let i = 0; i < 200; i++) await once();
+  const N = 2000;
+  const t0 = performance.now();
+  for (let i = 0; i < N; i++) await once();
+  const ms = (performance.now() - t0) / N;
+  sock.destroy();
+  child.kill();
+  return Number(ms.toFixed(3));
+}
+const rtt = await loopbackRttMs();
+console.error("loopback round trip (ms):", rtt);
+
 const perStepMs = (a, b) => Number((1000 / b - 1000 / a).toFixed(3));
 const result = {
   what: "tiny-v3 at tp 2: both ranks in one process vs rank 1 in a second process (1+1 nodes, 127.0.0.1); executor steps without engine or sampling; 1 backend thread per rank",
@@ -101,6 +130,11 @@ const result = {
   one_node: oneNode,
   two_nodes: twoNodes,
   overhead_ms_per_step: { decode_b1: perStepMs(oneNode.decode_b1_steps_per_s, twoNodes.decode_b1_steps_per_s), decode_b8: perStepMs(oneNode.decode_b8_steps_per_s, twoNodes.decode_b8_steps_per_s) },
+  // a tiny-v3 step is 10 host collectives (embedding, 2 per layer x 4, the head) plus the step's task and reply:
+  // each a round trip between the nodes (node 1 -> node 0 -> node 1 for a collective)
+  round_trips_per_step: 11,
+  overhead_ms_per_round_trip_b1: Number((perStepMs(oneNode.decode_b1_steps_per_s, twoNodes.decode_b1_steps_per_s) / 11).toFixed(3)),
+  loopback_rtt_ms: rtt,
   date: new Date().toISOString(),
 };
 console.log(JSON.stringify(result, null, 2));

@@ -262,6 +262,26 @@ describe("startup errors", () => {
     expect(alive(n0.pid) && alive(a.pid)).toBe(true); // still waiting for nodes 2 and 3
   });
 
+  it("a node that does not match ends the whole group at startup: the nodes already in get the reason too", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const flags = (rank: number, model = TINY) => ["--model", model, "--tp", "4", "--nnodes", "4", "--node-rank", String(rank), "--dist-init-addr", addr, "--dist-timeout", "60"];
+    const n0 = track(ds3(["serve", ...flags(0), "--port", "0"]));
+    const n1 = track(ds3(["serve", ...flags(1)]));
+    await within(
+      (async () => {
+        while (!/node 1 joined/.test(n0.stderr())) await new Promise((r) => setTimeout(r, 50));
+      })(),
+      30_000,
+      "node 1 joining",
+    );
+    const n2 = track(ds3(["serve", ...flags(2, BF16)]));
+    const [c0, c1, c2] = await within(Promise.all([n0.exited, n1.exited, n2.exited]), 30_000, "the three nodes");
+    expect([c0, c1, c2]).toEqual([1, 1, 1]);
+    expect(n0.stderr()).toMatch(/node 2 \(127\.0\.0\.1:\d+\) does not match node 0: the model is/);
+    expect(n1.stderr()).toMatch(new RegExp(`node 0 \\(${addr.replace(/\./g, "\\.")}\\) failed at startup: node 2 \\(127\\.0\\.0\\.1:\\d+\\) does not match node 0: the model is`));
+    expect(n2.stderr()).toMatch(/refused this node: the model is/);
+  });
+
   it("bad node flags are usage errors before anything loads", async () => {
     const cases: Array<[string[], RegExp]> = [
       [["--tp", "3", "--nnodes", "2", "--dist-init-addr", "127.0.0.1:1"], /--tp 3 is the total over all nodes and must divide by --nnodes 2/],

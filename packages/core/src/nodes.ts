@@ -703,6 +703,7 @@ export async function runNode(o: RunNodeOptions): Promise<void> {
     else if (m.t === "abort") {
       if (coll) SharedCollective.abort(coll);
     } else if (m.t === "close") end(m.error !== undefined ? new Error(`${there} ended after a failure: ${m.error}`) : null);
+    else if (m.t === "reject") end(new Error(m.message)); // node 0 failed to start (another node did not match, or did not join)
   };
   w.handle(onMsg, (why) => end(new Error(`${there}: ${why}`)));
   for (const m of early.splice(0)) onMsg(m);
