@@ -42,6 +42,8 @@ link ascendcl "$out" '$ORIGIN' "$out/runtime.o"
 link nnopbase "$out" '$ORIGIN' "$out/nnopbase.o"
 link hccl "$out" '$ORIGIN' "$out/hccl.o"
 link opapi "$out" '$ORIGIN' "$out/ops_basic.o" "$out/ops_moe.o"
-link opapi "$out/too-old" '$ORIGIN/..' "$out/ops_basic.o" "$out/ops_moe_old.o"
-for l in ascendcl nnopbase hccl; do ln -sfn "../lib$l.so" "$out/too-old/lib$l.so"; done
+link opapi "$out/too-old" '$ORIGIN' "$out/ops_basic.o" "$out/ops_moe_old.o"
+# the same files (same inode: dlopen gives back the objects already loaded), and libds3standin.so next to
+# them because $ORIGIN is the folder a library was opened from, symlink or not
+for l in ascendcl nnopbase hccl ds3standin; do ln -sfn "../lib$l.so" "$out/too-old/lib$l.so"; done
 echo "ascend stand-in built in $out"

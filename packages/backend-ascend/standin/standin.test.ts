@@ -5,7 +5,7 @@
 // emulation of it with Math.fround), written independently of the stand-in's C++.
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
-import { existsSync, statSync, readdirSync } from "node:fs";
+import { existsSync, readFileSync, statSync, readdirSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { beforeAll, describe, expect, it } from "vitest";
@@ -68,6 +68,34 @@ beforeAll(async () => {
     rows.set(r.case, r);
   }
 }, 300_000);
+
+describe("libraries", () => {
+  // the functions of cann_api.h by library, and what each built library exports
+  const header = readFileSync(join(here, "..", "src", "native", "cann_api.h"), "utf8");
+  const want = new Map<string, string[]>();
+  for (const m of header.matchAll(/X\((ASCENDCL|NNOPBASE|OPAPI|HCCL),\s*[01],\s*[^,]+,\s*(\w+),/g))
+    want.set(m[1]!, [...(want.get(m[1]!) ?? []), m[2]!]);
+  const exported = async (file: string) =>
+    new Set((await run("nm", ["-D", "--defined-only", file])).stdout.split("\n").filter((l) => / T /.test(l)).map((l) => l.split(" ").pop()!));
+
+  it("each library exports its group of cann_api.h and no other group's functions", async () => {
+    expect([...want.keys()].sort()).toEqual(["ASCENDCL", "HCCL", "NNOPBASE", "OPAPI"]);
+    for (const [lib, names] of want) {
+      const syms = await exported(join(build, `lib${lib.toLowerCase()}.so`));
+      for (const n of names) expect(syms.has(n), `${n} in lib${lib.toLowerCase()}.so`).toBe(true);
+      for (const [other, otherNames] of want) if (other !== lib) for (const n of otherNames) expect(syms.has(n), `${n} not in lib${lib.toLowerCase()}.so`).toBe(false);
+    }
+  });
+  it("too-old/ is the same but for a libopapi.so without aclnnMoeFinalizeRoutingV2", async () => {
+    const syms = await exported(join(build, "too-old", "libopapi.so"));
+    expect(syms.has("aclnnMoeFinalizeRoutingV2")).toBe(false);
+    expect(syms.has("aclnnMoeFinalizeRoutingV2GetWorkspaceSize")).toBe(false);
+    for (const n of want.get("OPAPI")!) if (!n.startsWith("aclnnMoeFinalizeRoutingV2")) expect(syms.has(n), n).toBe(true);
+    const r = await run(driver, [join(build, "too-old"), "misuse"]).then(() => ({ code: 0, stderr: "" }), (e: { code: number; stderr: string }) => e);
+    expect(r.code).toBe(2);  // the driver's dlopen/dlsym of every function: the four libraries load, the operator is missing
+    expect(r.stderr).toMatch(/missing aclnnMoeFinalizeRoutingV2GetWorkspaceSize in libOPAPI/);
+  });
+});
 
 describe("runtime", () => {
   it("reports the stand-in devices", () => {
