@@ -69,7 +69,7 @@ describe("ds3 selftest", () => {
     // the end-to-end drift is reported with its numbers
     const drift = o.checks.find((c) => c.precision === "fp8" && c.name === "tiny-v3 at world size 1: golden logits, drift")!;
     expect(drift.kind).toBe("info");
-    expect(drift.metrics!.meanCos).toBeGreaterThan(0.88);
+    expect(drift.metrics!.meanCos).toBeGreaterThan(0.9);
     expect(drift.metrics!.meanKl).toBeGreaterThan(0);
   });
 
@@ -84,7 +84,7 @@ describe("ds3 selftest", () => {
     expect(r.stdout).toMatch(/^mla \(absorbed, paged bf16 cache.*\) +pass +\d\.\d\de-\d+ +1\.56e-2$/m);
     expect(r.stdout).toMatch(/^FP8 activation quantization \(fp8: e4m3fn, max 448\).* +pass +0 +0 +\d+ values$/m);
     expect(r.stdout).toMatch(/^tiny-v3 at world size 4: golden logits, every position +pass /m);
-    expect(r.stdout).toMatch(/^tiny-v3 at world size 4: golden logits, mean cosine similarity over every position +pass +9\.\d\de-1 +>= 8\.80e-1$/m);
+    expect(r.stdout).toMatch(/^tiny-v3 at world size 4: golden logits, mean cosine similarity over every position +pass +9\.\d\de-1 +>= 9\.00e-1$/m);
     expect(r.stdout).toMatch(/^tiny-v3 at world size 4: golden logits, drift +info +\S+ +- +mean KL [\d.]+, max KL [\d.]+, min cosine [\d.]+, top-1 agreement [\d.]+% of 348 positions/m);
     expect(r.stdout).not.toMatch(/tiny-v3-bf16/); // only the checkpoint given
     expect(r.stdout).not.toMatch(/^precision bf16/m); // only the precisions asked for

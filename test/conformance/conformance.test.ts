@@ -11,6 +11,7 @@ import { type BackendContext, type BackendOptions, type BackendProvider, formatC
 import { describe, expect, it } from "vitest";
 import { FIXTURES } from "../helpers/golden.js";
 import { bf16Only } from "./bf16-only-backend.mjs";
+import { noAllReduce } from "./no-allreduce-backend.mjs";
 
 const GOLDEN = ["tiny-v3", "tiny-v3-bf16"].map((n) => FIXTURES + n);
 const OPS = ["embed", "rmsNorm", "linear", "add", "siluMul", "concat", "slice", "rows", "rope", "mla", "moeGate", "moeExperts", "allReduce", "allGatherCols"];
@@ -139,6 +140,17 @@ describe("the suite catches a wrong backend", () => {
     for (const c of failed.slice(1)) expect(c.worst, c.name).toBeGreaterThan(2 * c.tolerance);
   });
 
+  it("a backend whose allReduce does not sum across ranks passes every op (world size 1) and fails the golden logits through 2 ranks, exact and bf16", async () => {
+    const r = await runConformance(noAllReduce, { precision: ["exact", "bf16"], goldenDirs: [GOLDEN[0]!], worldSizes: [1, 2] });
+    expect(r.checks.filter((c) => c.op && !c.ok)).toEqual([]);
+    expect(r.checks.filter((c) => c.kind === "gate" && !c.ok).map((c) => `${c.precision}: ${c.name}`)).toEqual([
+      "exact: tiny-v3 at world size 2: golden logits, every position",
+      "exact: tiny-v3 at world size 2: greedy ids sampled by the ranks",
+      "bf16: tiny-v3 at world size 2: golden logits, mean cosine similarity over every position",
+    ]);
+    expect(r.checks.find((c) => c.precision === "bf16" && c.name.startsWith("tiny-v3 at world size 2: golden logits, mean cosine"))!.worst).toBeLessThan(0.5);
+  });
+
   it("claimed bf16, computed in fp32: only the rounding grid fails (more accurate ops are within their bounds)", async () => {
     const r = await runConformance(claiming({ activations: "f32", cache: "f32", actQuant: "none" }), { precision: "bf16" });
     expect(r.checks.filter((c) => !c.ok).map((c) => c.name)).toEqual(["bf16 rounding of activations (add x + 0 on a grid of rounding boundaries, exact)"]);
@@ -171,6 +183,139 @@ describe("the suite catches a wrong backend", () => {
     expect(failed[0]!.worst).toBeGreaterThan(10);
     expect(failed[0]!.worst).toBeLessThan(500); // ties only, of the 1792 values
     expect(r.checks.find((c) => c.name === "add")!.ok).toBe(true);
+  });
+});
+
+describe("the bf16 bounds admit the roundings bf16 GPU kernels do", () => {
+  // The CPU backend with rmsNorm, siluMul, rope and mla replaced by TypeScript versions that round
+  // where transformers' bf16 modules and tensor-core attention kernels round: rmsNorm rounds the
+  // normalized x, then the product with the weight; siluMul rounds silu, then the product; rope
+  // keeps bf16 cos/sin tables and rounds each product and the sum; mla rounds the absorbed query,
+  // the probabilities, the latent output and the output. Such a backend is right, and must pass.
+  const rb = (x: number) => {
+    const f = new Float32Array([x]);
+    const u = new Uint32Array(f.buffer);
+    u[0] = ((u[0]! + 0x7fff + ((u[0]! >>> 16) & 1)) >>> 16) << 16;
+    return f[0]!;
+  };
+  const fr = Math.fround;
+  const calls = { rmsNorm: 0, siluMul: 0, rope: 0, mla: 0 };
+  const gpuLike: BackendProvider = {
+    ...cpu,
+    name: "cpu-gpu-like-rounding",
+    entry: undefined,
+    create(o) {
+      const ctx = cpu.create(o);
+      const dense = new Map<object, Float32Array>();
+      const weight = ctx.weight.bind(ctx);
+      ctx.weight = (hw) => {
+        const w = weight(hw);
+        if (hw.dtype === "f32") dense.set(w, new Float32Array(hw.data.slice().buffer));
+        return w;
+      };
+      const W = (w: object) => {
+        const d = dense.get(w);
+        if (!d) throw new Error("gpu-like wrapper: f32 weights only");
+        return d;
+      };
+      const T = (x: Tensor) => ctx.download(x);
+      ctx.rmsNorm = (x, w, eps) => {
+        calls.rmsNorm++;
+        const a = T(x);
+        const D = x.shape[1]!;
+        const g = W(w);
+        const y = new Float32Array(a.length);
+        for (let t = 0; t < a.length / D; t++) {
+          let ss = 0;
+          for (let i = 0; i < D; i++) ss = fr(ss + a[t * D + i]! * a[t * D + i]!);
+          const r = fr(1 / Math.sqrt(fr(ss / D) + eps));
+          for (let i = 0; i < D; i++) y[t * D + i] = rb(g[i]! * rb(a[t * D + i]! * r));
+        }
+        return ctx.upload(y, x.shape);
+      };
+      ctx.siluMul = (g, u) => {
+        calls.siluMul++;
+        const a = T(g);
+        const b = T(u);
+        return ctx.upload(a.map((v, i) => rb(rb(v / (1 + Math.exp(-v))) * b[i]!)), g.shape);
+      };
+      ctx.rope = (x, H, hd, off, rd, pos, inv, attn) => {
+        calls.rope++;
+        const y = T(x).slice();
+        for (let t = 0; t < pos.length; t++)
+          for (let i = 0; i < rd / 2; i++) {
+            const ang = fr(pos[t]! * inv[i]!);
+            const c = rb(Math.cos(ang) * attn);
+            const sn = rb(Math.sin(ang) * attn);
+            for (let h = 0; h < H; h++) {
+              const k = t * H * hd + h * hd + off + 2 * i;
+              const x0 = y[k]!;
+              const x1 = y[k + 1]!;
+              y[k] = rb(rb(x0 * c) - rb(x1 * sn));
+              y[k + 1] = rb(rb(x0 * sn) + rb(x1 * c));
+            }
+          }
+        return ctx.upload(y, x.shape);
+      };
+      const mla = ctx.mla.bind(ctx);
+      ctx.mla = (q, kv, pe, wkvB, cache, layer, m, d) => {
+        calls.mla++;
+        mla(q, kv, pe, wkvB, cache, layer, m, d); // the CPU writes the latents into the cache
+        const Q = T(q);
+        const wb = W(wkvB);
+        const C = d.kvLora;
+        const hd = d.nope + d.v;
+        const qw = d.nope + d.rope;
+        const out = new Float32Array(m.positions.length * d.heads * d.v);
+        for (let t = 0; t < m.positions.length; t++) {
+          const s = m.seqIdx[t]!;
+          const rows = Array.from({ length: m.positions[t]! + 1 }, (_, j) =>
+            ctx.readCache(cache, layer, m.blockTables[s * m.maxBlocks + Math.floor(j / cache.blockSize)]! * cache.blockSize + (j % cache.blockSize), 1),
+          );
+          for (let h = 0; h < d.heads; h++) {
+            const qh = Q.subarray((t * d.heads + h) * qw, (t * d.heads + h + 1) * qw);
+            const qa = Array.from({ length: C }, (_, c) => {
+              let a = 0;
+              for (let i = 0; i < d.nope; i++) a = fr(a + qh[i]! * wb[(h * hd + i) * C + c]!);
+              return rb(a);
+            });
+            const sc = rows.map((r) => {
+              let a = 0;
+              for (let c = 0; c < C; c++) a = fr(a + qa[c]! * r[c]!);
+              for (let i = 0; i < d.rope; i++) a = fr(a + qh[d.nope + i]! * r[C + i]!);
+              return fr(a * d.scale);
+            });
+            const mx = Math.max(...sc);
+            const e = sc.map((v) => fr(Math.exp(v - mx)));
+            const z = e.reduce((a, b) => fr(a + b), 0);
+            const p = e.map((v) => rb(v / z));
+            const ol = Array.from({ length: C }, (_, c) => rb(rows.reduce((a, r, j) => fr(a + p[j]! * r[c]!), 0)));
+            for (let i = 0; i < d.v; i++) {
+              let a = 0;
+              for (let c = 0; c < C; c++) a = fr(a + ol[c]! * wb[(h * hd + d.nope + i) * C + c]!);
+              out[(t * d.heads + h) * d.v + i] = rb(a);
+            }
+          }
+        }
+        return ctx.upload(out, [m.positions.length, d.heads * d.v]);
+      };
+      return ctx;
+    },
+  };
+
+  it("passes at bf16, each replaced op within its bound with room to spare", async () => {
+    const [gpu, ref] = await Promise.all([runConformance(gpuLike, { precision: "bf16" }), runConformance(cpu, { precision: "bf16" })]);
+    console.log(formatConformance(gpu));
+    expect(gpu.checks.filter((c) => !c.ok).map((c) => c.name)).toEqual([]);
+    for (const op of ["rmsNorm", "siluMul", "rope", "mla"] as const) {
+      const g = gpu.checks.find((c) => c.op === op && c.kind === "gate" && c.tolerance > 0.001)!;
+      const c = ref.checks.find((x) => x.name === g.name)!;
+      expect(g.worst, op).toBeLessThan(0.75 * g.tolerance);
+      expect(c.ok, op).toBe(true);
+    }
+    // each replaced op ran (the op check and the quantizer grids call them), and computed otherwise than the CPU
+    expect(calls).toEqual({ rmsNorm: 1, siluMul: 1, rope: 1, mla: 4 });
+    for (const op of ["rmsNorm", "rope"]) expect(gpu.checks.find((c) => c.op === op)!.worst).toBeGreaterThan(ref.checks.find((c) => c.op === op)!.worst);
   });
 });
 

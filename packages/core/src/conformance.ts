@@ -6,7 +6,8 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { type BackendContext, type BackendProvider, checkProvider, EXACT, OPS, type OpName, type Precision, PRECISION_NAMES, type PrecisionName, PRECISIONS, REQUIRED_OPS, type Tensor } from "./backend.js";
-import { COSINE_FLOOR, drift, precisionOpChecks, quantizerChecks } from "./conformance-precision.js";
+import { drift, goldenFloor, precisionOpChecks, quantizerChecks } from "./conformance-precision.js";
+import { loadConfig } from "./executor.js";
 import { placeRanks } from "./devices.js";
 import { RankExecutor } from "./ranks.js";
 import { bf16Weight, type CheckDraft, type ConformanceCheck, f32Weight, fp8e4m3Decode, fp8Weight, Inputs, normErr, refLinear, silu } from "./conformance-common.js";
@@ -404,13 +405,14 @@ async function goldenCheck(provider: BackendProvider, dir: string, ws: number): 
 async function goldenDrift(provider: BackendProvider, dir: string, ws: number, pname: Exclude<PrecisionName, "exact">): Promise<CheckDraft[]> {
   const name = `${dir.split(/[\\/]/).filter(Boolean).pop()} at world size ${ws}`;
   const precision = PRECISIONS[pname];
-  const floor = COSINE_FLOOR[pname];
+  let floor = goldenFloor(pname, true);
   const prompts = readGolden(dir);
   const maxLen = Math.max(...prompts.map((p) => p.ids.length));
   const blockSize = 64;
   const maxBlocks = Math.ceil(maxLen / blockSize);
   let ex: RankExecutor | null = null;
   try {
+    floor = goldenFloor(pname, loadConfig(dir).quantization !== null);
     ex = await RankExecutor.create(dir, {
       backendPackage: provider.entry!,
       backendOptions: { precision },
