@@ -57,8 +57,7 @@ export interface GpuVendor {
   readonly base: string;
   /** environment variable that turns device graphs off ("0") (DS3_CUDA_GRAPHS) */
   readonly graphsEnv: string;
-  /** the device collective library (NCCL, RCCL) and the variable that turns it off (DS3_NCCL, DS3_RCCL) */
-  readonly collLib: string;
+  /** the variable that turns the device collectives (NCCL, RCCL) off: DS3_NCCL, DS3_RCCL */
   readonly collEnv: string;
   /** a probe line as a device (index: what BackendOptions.device takes) */
   device(line: string, i: number): GpuDevice;

@@ -29,7 +29,6 @@ export const cudaVendor: GpuVendor = {
   addonEnv: "DS3_CUDA_ADDON",
   base: import.meta.url,
   graphsEnv: "DS3_CUDA_GRAPHS",
-  collLib: "NCCL",
   collEnv: "DS3_NCCL",
   /** "cuda:0 NVIDIA H100 80GB HBM3 (compute capability 9.0, 79.1 GiB, 132 SMs)" */
   device(line: string, i: number): GpuDevice {

@@ -91,7 +91,6 @@ export const rocmVendor: GpuVendor = {
   addonEnv: "DS3_ROCM_ADDON",
   base: import.meta.url,
   graphsEnv: "DS3_ROCM_GRAPHS",
-  collLib: "RCCL",
   collEnv: "DS3_RCCL",
   perDevice: true,
   hint(reason: string): string | null {
