@@ -15,3 +15,5 @@ export * from "./llm.js";
 export * from "./builtin.js";
 export * from "./convert.js";
 export * from "./checks.js";
+export * from "./quant.js";
+export * from "./fit.js";
