@@ -104,6 +104,7 @@ describe("runtime", () => {
     expect(d.soc).toBe("Ascend910B3 (stand-in)");
     expect(d.total as number).toBeGreaterThan(0);
     expect(d.free as number).toBeLessThanOrEqual(d.total as number);
+    expect((d.free as number) - (d.freeAfterMiB as number)).toBe(1 << 20);  // aclrtMalloc of 1 MiB shows in aclrtGetMemInfo
   });
 
   const cases: [string, number, RegExp][] = [
@@ -354,6 +355,14 @@ describe("operators vs float64", () => {
     }
   });
 
+  it("aclnnMoeInitRoutingV2 with expertTokensCountOrCumsumFlag 2 gives per-expert counts (activeNum 0 = dropless)", () => {
+    const c = get("op_init_routing_counts"), r = get("op_init_routing");
+    expect(c.rc).toBe(0);
+    const ei = arr(r, "expertIdx"), counts = arr(c, "counts");
+    for (let e = 0; e < counts.length; e++) expect(counts[e]).toBe(ei.filter((v) => v === e).length);
+    expect(arr(c, "rowIdx")).toEqual(arr(r, "rowIdx"));
+  });
+
   it("aclnnGroupedMatmulV4: rows split by the cumsum group list, transposed weight view, rows past the last group untouched", () => {
     const r = get("op_grouped_matmul");
     expect(r.rc).toBe(0);
@@ -453,6 +462,18 @@ describe("operators vs float64", () => {
     expect(arr(get("op_scatter"), "out")).toEqual([1, 0, 1, 0, 0, 1, 0, 1]);
     const e = get("op_embedding"), w = arr(e, "w");
     expect(arr(e, "out")).toEqual([...w.slice(20, 24), ...w.slice(0, 4), ...w.slice(8, 12)]);
+  });
+});
+
+describe("stream modes", () => {
+  it("DS3_STANDIN_STREAM=eager (run at launch) gives the same operator results and collectives as queueing", async () => {
+    const once = async (mode: string) => {
+      const { stdout } = await run(driver, [build, "ops"], { env: { ...process.env, DS3_STANDIN_STREAM: mode, DS3_STANDIN_NPUS: "2" }, encoding: "utf8", maxBuffer: 1 << 26 });
+      return stdout.trim().split("\n").map((l) => JSON.parse(l) as Row).filter((r) => r.case.startsWith("op_"));
+    };
+    const [q, e] = await Promise.all([once("queue"), once("eager")]);
+    expect(q.length).toBeGreaterThan(15);
+    expect(e).toEqual(q);
   });
 });
 

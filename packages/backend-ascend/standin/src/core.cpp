@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
+#include <unordered_set>
 
 #include "common.h"
 
@@ -134,6 +135,7 @@ int requireDevice(const char* fn, int* dev) {
 // ---------------------------------------------------------------- memory
 static std::mutex gMemMu;
 static std::map<uintptr_t, Alloc> gLive;
+static std::unordered_set<uint64_t> gLiveIds;
 static std::deque<Alloc> gFreed;  // recent frees, for messages
 static uint64_t gNextAlloc = 1;
 static std::vector<uint64_t> gUsed(65, 0);
@@ -183,8 +185,7 @@ bool isHostAllocPtr(const void* p) {
 }
 bool allocLive(uint64_t id) {
   std::lock_guard<std::mutex> g(gMemMu);
-  for (auto& kv : gLive) if (kv.second.id == id) return true;
-  return false;
+  return gLiveIds.count(id) > 0;
 }
 int devMalloc(void** p, size_t size, int device, bool host) {
   size_t rounded = (size + 511) / 512 * 512;
@@ -200,6 +201,7 @@ int devMalloc(void** p, size_t size, int device, bool host) {
   std::lock_guard<std::mutex> g(gMemMu);
   Alloc a{gNextAlloc++, (uintptr_t)m, size, device, host};  // bounds are the size asked for, not the rounded block
   gLive[a.base] = a;
+  gLiveIds.insert(a.id);
   if (!host) gUsed[device] += rounded;
   gTotalAllocs++;
   *p = m;
@@ -223,6 +225,7 @@ int devFree(void* p, bool host, const char* fn) {
     }
     a = it->second;
     gLive.erase(it);
+    gLiveIds.erase(a.id);
     if (!host) gUsed[a.device] -= (a.size + 511) / 512 * 512;
     gFreed.push_back(a);
     if (gFreed.size() > 65536) gFreed.pop_front();

@@ -561,6 +561,9 @@ static void ops() {
     Buf bc = upload(ACL_INT32, std::vector<double>(E + 1, 0));
     int rc = RUN2(aclnnMoeInitRoutingV2, view(bx, {T, D}), view(be, {T, k}), T * k, 0, E + 1, 0, 1, false, view(bex, {T * k, D}), view(bri, {T * k}), view(bc, {E + 1}), nullptr);
     auto exx = download(bex, T * k * D), ri = download(bri, T * k), cum = download(bc, E + 1);
+    Buf bc2 = upload(ACL_INT32, std::vector<double>(E + 1, 0)), bex2 = upload(ACL_BF16, std::vector<double>(T * k * D, 0)), bri2 = upload(ACL_INT32, std::vector<double>(T * k, 0));
+    int rc2 = RUN2(aclnnMoeInitRoutingV2, view(bx, {T, D}), view(be, {T, k}), 0, 0, E + 1, 0, 2, false, view(bex2, {T * k, D}), view(bri2, {T * k}), view(bc2, {E + 1}), nullptr);
+    J("op_init_routing_counts").num("rc", rc2).arr("counts", {E + 1}, download(bc2, E + 1)).arr("rowIdx", {T * k}, download(bri2, T * k)).end();
     J("op_init_routing").num("rc", rc).num("k", (double)k).arr("x", {T, D}, x).arr("expertIdx", {T, k}, ei).arr("expandedX", {T * k, D}, exx).arr("rowIdx", {T * k}, ri)
         .arr("cumsum", {E + 1}, cum).end();
     // grouped matmul over the first E groups; weight stored [E, N, D] viewed as [E, D, N]
@@ -669,7 +672,12 @@ int main(int argc, char** argv) {
   A.aclrtCreateStream(&S);
   size_t fr = 0, tot = 0;
   A.aclrtGetMemInfo(ACL_HBM_MEM, &fr, &tot);
-  J("device").num("count", n).str("soc", A.aclrtGetSocName()).num("free", (double)fr).num("total", (double)tot).end();
+  void* mb = nullptr;
+  A.aclrtMalloc(&mb, 1 << 20, ACL_MEM_MALLOC_HUGE_FIRST);
+  size_t fr2 = 0, tot2 = 0;
+  A.aclrtGetMemInfo(ACL_HBM_MEM, &fr2, &tot2);
+  A.aclrtFree(mb);
+  J("device").num("count", n).str("soc", A.aclrtGetSocName()).num("free", (double)fr).num("total", (double)tot).num("freeAfterMiB", (double)fr2).end();
   if (what == "all" || what == "misuse") misuse();
   if (what == "all" || what == "ops") ops();
   if (what == "all" || what == "hccl") hccl();
