@@ -174,7 +174,9 @@ describe("tensors and executors", () => {
     ["gmm_group_list_not_cumsum", 507015, /groupList \(cumsum\) entry 1 = 2/],
     ["index_copy_duplicate_index", 507015, /index holds 1 twice/],
     ["fia_len_past_block_table", 161002, /actualSeqLengthsKv\[1\] = 9 is not in \[1, 8\]/],
-    ["fia_sparse_mode_unsupported", 161002, /sparseMode 3: the stand-in implements sparseMode 0/],
+    ["fia_sparse_mode_unsupported", 161002, /sparseMode 4: the stand-in implements 0 \(no mask\), 2 \(leftUpCausal\) and 3 \(rightDownCausal\)/],
+    ["fia_mask_missing", 161001, /sparseMode 3 needs attenMaskOptional: the compressed 2048x2048 causal mask/],
+    ["fia_mask_inverted", 507015, /attenMask\[0\]\[0\] = 1; sparseMode 3 needs the compressed causal mask/],
     ["gating_renorm_unsupported", 161002, /renorm 1: only 0/],
   ];
   for (const [name, code, re] of cases)
@@ -294,6 +296,26 @@ describe("operators vs float64", () => {
         }
       }
     expect(worst).toBeGreaterThan(0);  // the output really is bf16, not a copy of the reference
+  });
+
+  it("aclnnFusedInferAttentionScoreV3: causal prefill, sparseMode 3 (right-down) and 2 (left-up) with the 2048x2048 mask", () => {
+    const r = get("op_fia_causal");
+    expect(r.rc3).toBe(0);
+    expect(r.rc2).toBe(0);
+    const B = 2, S = 3, N = 2, Skv = 5, D = 16;
+    const lens = arr(r, "lens"), q = arr(r, "q"), k = arr(r, "k"), v = arr(r, "v");
+    for (const [mode, out] of [[3, arr(r, "out3")], [2, arr(r, "out2")]] as const)
+      for (let b = 0; b < B; b++)
+        for (let s = 0; s < S; s++)
+          for (let n = 0; n < N; n++) {
+            const vis = mode === 3 ? s + 1 + lens[b]! - S : Math.min(lens[b]!, s + 1);
+            const at = (t: number[], j: number) => (d: number) => t[(b * Skv + j) * D + d]!;
+            const keys = Array.from({ length: vis }, (_, j) => at(k, j)), vals = Array.from({ length: vis }, (_, j) => at(v, j));
+            const { out: ref, mag } = attention((d) => q[((b * S + s) * N + n) * D + d]!, keys, D, null, r.scale as number, vals);
+            for (let d = 0; d < D; d++)
+              expect(Math.abs(out[((b * S + s) * N + n) * D + d]! - ref[d]!)).toBeLessThanOrEqual(2 ** -8 * Math.abs(ref[d]!) + 2 ** -8 * mag[d]! + 1e-6);
+          }
+    expect(arr(r, "out3")).not.toEqual(arr(r, "out2"));  // the two alignments differ when len > S
   });
 
   it("aclnnFusedInferAttentionScoreV3: BNSD, GQA 4 heads over 2, 2 query rows, per-batch KV lengths", () => {

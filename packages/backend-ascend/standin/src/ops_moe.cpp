@@ -335,8 +335,10 @@ SI_RUN(aclnnMoeGatingTopK)
 // Implemented: inputLayout "BSND" / "BNSD" / "BSH"; query [B, S, N, D] (BSND); key = value = list of one
 // tensor: paged ([numBlocks, blockSize, N_kv*D] with blockTable [B, maxBlocks] INT32 and blockSize) or not
 // ([B, S_kv, N_kv, D] in the query's layout); optional queryRope/keyRope (MLA: D 512, rope 64, N_kv 1,
-// paged); actualSeqLengthsKv (B lengths); sparseMode 0 without attenMask (no mask: every query row sees its
-// sequence's first len keys; preTokens/nextTokens are then ignored, as documented); numKeyValueHeads 0 = N.
+// paged); actualSeqLengthsKv (B lengths); numKeyValueHeads 0 = N. Masks: sparseMode 0 without attenMask (no
+// mask: every query row sees its sequence's first len keys; preTokens/nextTokens ignored, as documented);
+// sparseMode 2 (leftUpCausal: row s sees keys j <= s) and 3 (rightDownCausal: j <= s + len - S) with the
+// documented compressed 2048x2048 mask (1 = masked above the diagonal), whose contents are checked.
 // p = softmax(scaleValue * (q.k + qr.kr)) in fp32; for BF16/FP16 p is rounded to the query dtype before the
 // p.V product (the cube unit takes 16-bit operands), the sum of p stays fp32; out rounded once.
 SI_EXPORT int aclnnFusedInferAttentionScoreV3GetWorkspaceSize(
@@ -355,7 +357,7 @@ SI_EXPORT int aclnnFusedInferAttentionScoreV3GetWorkspaceSize(
   std::vector<int64_t> kvLen = c.ints(aslKvH, "actualSeqLengthsKvOptional", true, &hasKvLen);
   c.ints(aslH, "actualSeqLengthsOptional", true, &hasQLen);
   if (!c.ok()) return c.rc;
-  const void* none[] = {pseH, maskH, dq1, qs1, dq2, qs2, qo2, aqs, aqo, qpad, kvpad, kaqs, kaqo, vaqs, vaqo, ksp, vsp, asplH, kraqs};
+  const void* none[] = {pseH, nullptr, dq1, qs1, dq2, qs2, qo2, aqs, aqo, qpad, kvpad, kaqs, kaqo, vaqs, vaqo, ksp, vsp, asplH, kraqs};
   const char* noneN[] = {"pseShiftOptional", "attenMaskOptional", "deqScale1Optional", "quantScale1Optional", "deqScale2Optional", "quantScale2Optional",
                          "quantOffset2Optional", "antiquantScaleOptional", "antiquantOffsetOptional", "queryPaddingSizeOptional", "kvPaddingSizeOptional",
                          "keyAntiquantScaleOptional", "keyAntiquantOffsetOptional", "valueAntiquantScaleOptional", "valueAntiquantOffsetOptional",
@@ -363,7 +365,19 @@ SI_EXPORT int aclnnFusedInferAttentionScoreV3GetWorkspaceSize(
   for (int i = 0; i < 19; i++)
     c.check(!none[i], ACLNN_ERR_PARAM_INVALID, fmt("%s is not null: the stand-in implements FIA without masks, pse, quantization, padding or shared prefixes", noneN[i]));
   c.check(!hasQLen, ACLNN_ERR_PARAM_INVALID, "actualSeqLengthsOptional (query lengths) is not implemented by the stand-in");
-  c.check(sparseMode == 0, ACLNN_ERR_PARAM_INVALID, fmt("sparseMode %lld: the stand-in implements sparseMode 0 without attenMask only", (long long)sparseMode));
+  T_ mask = c.tensor(maskH, "attenMaskOptional", true);
+  if (!c.ok()) return c.rc;
+  c.check(sparseMode == 0 || sparseMode == 2 || sparseMode == 3, ACLNN_ERR_PARAM_INVALID,
+          fmt("sparseMode %lld: the stand-in implements 0 (no mask), 2 (leftUpCausal) and 3 (rightDownCausal)", (long long)sparseMode));
+  c.check(sparseMode != 0 || !mask, ACLNN_ERR_PARAM_INVALID, "attenMaskOptional with sparseMode 0 (a full or band mask) is not implemented by the stand-in");
+  if (sparseMode == 2 || sparseMode == 3) {
+    c.check((bool)mask, ACLNN_ERR_PARAM_NULLPTR, fmt("sparseMode %lld needs attenMaskOptional: the compressed 2048x2048 causal mask", (long long)sparseMode));
+    if (c.ok()) {
+      NEED_DT(c, mask, "attenMaskOptional", DT_BOOL, DT_INT8, DT_UINT8);
+      NEED_DIMS(c, mask, "attenMaskOptional", (std::vector<int64_t>{2048, 2048}));
+      c.check(mask->contiguous(), ACLNN_ERR_PARAM_INVALID, "attenMaskOptional must be contiguous");
+    }
+  }
   c.check(antiquantMode == 0 && keyAntiquantMode == 0 && valueAntiquantMode == 0, ACLNN_ERR_PARAM_INVALID, "antiquant modes must be 0 (no quantized KV in the stand-in)");
   c.check(innerPrecise >= 0 && innerPrecise <= 3, ACLNN_ERR_PARAM_INVALID, fmt("innerPrecise %lld is not in [0, 3]", (long long)innerPrecise));
   c.check(keys.size() == 1 && vals.size() == 1, ACLNN_ERR_PARAM_INVALID, fmt("key and value hold %zu and %zu tensors; the stand-in takes one each", keys.size(), vals.size()));
@@ -463,12 +477,29 @@ SI_EXPORT int aclnnFusedInferAttentionScoreV3GetWorkspaceSize(
   if (qr && layout == "BNSD") QR = swapped(*qr, 1, 2);
   if (qr && layout == "BSH") { QR.dims = {B, S, N, Dr}; QR.strides = {qr->strides[0], qr->strides[1], qr->strides[2] * Dr, qr->strides[2]}; }
   TensorDesc L = softmaxLseFlag ? *lse : TensorDesc();
+  bool hasMask = (bool)mask;
+  TensorDesc MK = hasMask ? *mask : TensorDesc();
   bool hasRope = (bool)qr, lseOut = softmaxLseFlag;
   std::string lay = layout;
   std::vector<int64_t> lens = hasKvLen ? kvLen : std::vector<int64_t>((size_t)B, Skv);
+  if (sparseMode == 3)
+    for (int64_t b = 0; b < B; b++)
+      if (!c.check(lens[b] >= S, ACLNN_ERR_PARAM_INVALID,
+                   fmt("sparseMode 3 with %lld query rows over %lld keys (batch %lld): rows that see no key are not implemented by the stand-in", (long long)S, (long long)lens[b], (long long)b)))
+        return c.rc;
   int dt = q->dtype;
   uint64_t wsBytes = (uint64_t)(B * N * S) * (uint64_t)Skv * 4 + 65536;  // fp32 scores
   return c.finish(wsBytes, [=](char*, std::string* err) {
+    if (hasMask) {  // the compressed causal mask: 1 strictly above the diagonal, 0 on and below it
+      const uint8_t* m = (const uint8_t*)MK.data + MK.offset;
+      for (int64_t i = 0; i < 2048; i++)
+        for (int64_t j = 0; j < 2048; j++)
+          if ((m[i * 2048 + j] != 0) != (j > i)) {
+            *err = fmt("aclnnFusedInferAttentionScoreV3: attenMask[%lld][%lld] = %d; sparseMode %lld needs the compressed causal mask (1 above the diagonal, 0 on and below it)",
+                       (long long)i, (long long)j, (int)m[i * 2048 + j], (long long)sparseMode);
+            return ACL_ERROR_RT_AICORE_EXCEPTION;
+          }
+    }
     std::vector<int64_t> table = paged ? readI(BT) : std::vector<int64_t>();
     std::vector<float> qv = readF(Q), qrv = hasRope ? readF(QR) : std::vector<float>();
     std::vector<float> res((size_t)(B * S * N * D)), lsev((size_t)(B * N * S));
@@ -501,8 +532,9 @@ SI_EXPORT int aclnnFusedInferAttentionScoreV3GetWorkspaceSize(
           int64_t h = n / grp;
           const float* qp = &qv[((b * S + s) * N + n) * D];
           const float* qrp = hasRope ? &qrv[((b * S + s) * N + n) * Dr] : nullptr;
+          int64_t vis = sparseMode == 2 ? std::min(len, s + 1) : sparseMode == 3 ? s + 1 + (len - S) : len;  // keys this row sees
           float m = -INFINITY;
-          for (int64_t j = 0; j < len; j++) {
+          for (int64_t j = 0; j < vis; j++) {
             int64_t off;
             if (!kvOff(K_, b, j, h, D, &off)) return ACL_ERROR_RT_AICORE_EXCEPTION;
             readRow(K_, off, lastStride, D, krow.data());
@@ -519,7 +551,7 @@ SI_EXPORT int aclnnFusedInferAttentionScoreV3GetWorkspaceSize(
           }
           float sum = 0;
           std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t j = 0; j < len; j++) {
+          for (int64_t j = 0; j < vis; j++) {
             float p = std::exp(sc[j] - m);
             sum += p;
             float pr = roundTo(dt, p);

@@ -92,7 +92,9 @@ static uint16_t toBf16(float f) {  // round to nearest even
   return (uint16_t)(u >> 16);
 }
 static float fromBf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
-static size_t esize(aclDataType d) { return d == ACL_FLOAT || d == ACL_INT32 ? 4 : d == ACL_INT64 ? 8 : 2; }
+static size_t esize(aclDataType d) {
+  return d == ACL_FLOAT || d == ACL_INT32 ? 4 : d == ACL_INT64 ? 8 : d == ACL_UINT8 || d == ACL_INT8 || d == ACL_BOOL ? 1 : 2;
+}
 static std::vector<char> encode(aclDataType d, const std::vector<double>& v) {
   std::vector<char> b(v.size() * esize(d));
   for (size_t i = 0; i < v.size(); i++) {
@@ -517,8 +519,41 @@ static void ops() {
     report("fia_sparse_mode_unsupported",
            A.aclnnFusedInferAttentionScoreV3GetWorkspaceSize(view(bq, {B, 1, H, D}), K, V, nullptr, nullptr, nullptr, kvl, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                                                              nullptr, view(bt, {B, maxB}), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                                                             view(bqr, {B, 1, H, Dr}), view(bkr, {nb, bs, Dr}), nullptr, H, scale, 2147483647, 0, layout, 1, 3, 0,
+                                                             view(bqr, {B, 1, H, Dr}), view(bkr, {nb, bs, Dr}), nullptr, H, scale, 2147483647, 0, layout, 1, 4, 0,
                                                              bs, 0, false, 0, 0, view(bo, {B, 1, H, D}), nullptr, &ws, &ex));
+  }
+  // FIA causal prefill, BSND without paging: sparseMode 3 (rightDownCausal) and 2 (leftUpCausal) with the 2048x2048 mask
+  {
+    int64_t B = 2, S_ = 3, N = 2, Nkv = 1, Skv = 5, D = 16;
+    auto q = quant(ACL_BF16, randv(B * S_ * N * D)), k = quant(ACL_BF16, randv(B * Skv * Nkv * D)), v = quant(ACL_BF16, randv(B * Skv * Nkv * D));
+    Buf bq = upload(ACL_BF16, q), bk = upload(ACL_BF16, k), bv = upload(ACL_BF16, v);
+    std::vector<uint8_t> causal(2048 * 2048), inverted(2048 * 2048);
+    for (int64_t i = 0; i < 2048; i++)
+      for (int64_t j = 0; j < 2048; j++) { causal[i * 2048 + j] = j > i; inverted[i * 2048 + j] = j <= i; }
+    Buf mk, bad;
+    mk.dt = bad.dt = ACL_UINT8;
+    mk.bytes = bad.bytes = causal.size();
+    A.aclrtMalloc(&mk.p, mk.bytes, ACL_MEM_MALLOC_HUGE_FIRST);
+    A.aclrtMalloc(&bad.p, bad.bytes, ACL_MEM_MALLOC_HUGE_FIRST);
+    A.aclrtMemcpy(mk.p, mk.bytes, causal.data(), causal.size(), ACL_MEMCPY_HOST_TO_DEVICE);
+    A.aclrtMemcpy(bad.p, bad.bytes, inverted.data(), inverted.size(), ACL_MEMCPY_HOST_TO_DEVICE);
+    int64_t lv[2] = {5, 4};
+    char layout[] = "BSND";
+    auto fia = [&](int64_t mode, const Buf* maskBuf, Buf& out) {
+      const aclTensor* kl[1] = {view(bk, {B, Skv, Nkv, D})};
+      const aclTensor* vl[1] = {view(bv, {B, Skv, Nkv, D})};
+      aclTensorList *K = A.aclCreateTensorList(kl, 1), *V = A.aclCreateTensorList(vl, 1);
+      aclTensor* m = maskBuf ? view(*maskBuf, {2048, 2048}) : nullptr;
+      return RUN2(aclnnFusedInferAttentionScoreV3, view(bq, {B, S_, N, D}), K, V, nullptr, m, nullptr, A.aclCreateIntArray(lv, 2), nullptr, nullptr, nullptr, nullptr, nullptr,
+                  nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, N, 0.3, 2147483647, 0,
+                  layout, Nkv, mode, 0, 0, 0, false, 0, 0, view(out, {B, S_, N, D}), nullptr);
+    };
+    Buf o3 = upload(ACL_BF16, std::vector<double>(B * S_ * N * D, 0)), o2 = upload(ACL_BF16, std::vector<double>(B * S_ * N * D, 0));
+    int rc3 = fia(3, &mk, o3), rc2 = fia(2, &mk, o2);
+    J("op_fia_causal").num("rc3", rc3).num("rc2", rc2).num("scale", 0.3).arr("lens", {B}, {5, 4}).arr("q", {B, S_, N, D}, q).arr("k", {B, Skv, Nkv, D}, k)
+        .arr("v", {B, Skv, Nkv, D}, v).arr("out3", {B, S_, N, D}, download(o3, B * S_ * N * D)).arr("out2", {B, S_, N, D}, download(o2, B * S_ * N * D)).end();
+    report("fia_mask_inverted", fia(3, &bad, o3));
+    report("fia_mask_missing", fia(3, nullptr, o3));
   }
   // FIA, BNSD without paging, GQA (4 heads over 2 KV heads), prefill shape S 2, BF16
   {
