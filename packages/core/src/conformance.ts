@@ -587,18 +587,28 @@ export async function runConformance(provider: BackendProvider, opts: Conformanc
 export function formatConformance(r: ConformanceReport): string {
   const fmt = (x: number) => (Number.isNaN(x) ? "-" : x === 0 ? "0" : Number.isFinite(x) ? (Number.isInteger(x) ? String(x) : x.toExponential(2)) : "inf");
   const w = Math.max(5, ...r.checks.map((c) => c.name.length));
-  const lines = [`backend ${r.backend}${r.device ? ` on ${r.device}` : ""}`];
-  let last: PrecisionName | null = null;
-  for (const c of r.checks) {
-    if (c.precision !== last && c.name !== "devices() and rank placement" && c.name !== "available()") {
-      last = c.precision;
-      const p = PRECISIONS[c.precision];
-      lines.push("", `precision ${c.precision}: ${describePrecision(p)}${c.precision === "exact" ? "; gates: every op within its float64 bound, golden logits within 1e-3" : "; gates: the quantizers exactly, every op within its bound of the float64 reference emulating it, the mean cosine of the golden logits; informs: KL, min cosine, top-1, greedy ids"}`);
-      lines.push(`${"check".padEnd(w)}  result  worst     tolerance`);
-    } else if (lines.length === 1) lines.push(`${"check".padEnd(w)}  result  worst     tolerance`);
+  const head = `${"check".padEnd(w)}  result  worst     tolerance`;
+  const row = (c: ConformanceCheck) => {
     const result = c.kind === "info" ? "info" : c.kind === "not supported" ? "n/s" : c.ok ? "pass" : "FAIL";
     const b = Number.isNaN(c.tolerance) ? "-" : `${c.bound === "min" ? ">= " : ""}${fmt(c.tolerance)}`;
-    lines.push(`${c.name.padEnd(w)}  ${result.padEnd(6)}  ${fmt(c.worst).padEnd(8)}  ${b}${c.detail ? `  ${c.detail}` : ""}`);
+    return `${c.name.padEnd(w)}  ${result.padEnd(6)}  ${fmt(c.worst).padEnd(8)}  ${b}${c.detail ? `  ${c.detail}` : ""}`;
+  };
+  const lines = [`backend ${r.backend}${r.device ? ` on ${r.device}` : ""}`, head];
+  // the backend-wide checks (availability, placement) come first, then one section per precision
+  const general = new Set(["available()", "devices() and rank placement"]);
+  for (const c of r.checks.filter((x) => general.has(x.name))) lines.push(row(c));
+  for (const { name } of r.precisions) {
+    const p = PRECISIONS[name];
+    const mine = r.checks.filter((c) => c.precision === name && !general.has(c.name));
+    if (mine.length === 1 && mine[0]!.kind === "not supported") {
+      lines.push("", `precision ${name}: not supported by backend "${r.backend}" (${describePrecision(p)})`);
+      continue;
+    }
+    const gates =
+      name === "exact"
+        ? "gates: every op within its float64 bound, golden logits within 1e-3"
+        : "gates: the quantizers exactly, every op within its bound of the float64 reference emulating this precision, the mean cosine of the golden logits; informs: KL, min cosine, top-1, greedy ids";
+    lines.push("", `precision ${name}: ${describePrecision(p)}; ${gates}`, head, ...mine.map(row));
   }
   const gating = r.checks.filter((c) => c.kind === "gate");
   const info = r.checks.filter((c) => c.kind === "info").length;
