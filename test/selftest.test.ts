@@ -32,8 +32,8 @@ const OPS = ["embed", "rmsNorm", "linear", "add", "siluMul", "concat", "slice", 
 const BF16_ONLY = join(ROOT, "test/conformance/bf16-only-backend.mjs");
 
 describe("ds3 selftest", () => {
-  it("--backend cpu --json: every precision by default, passes, the JSON parses, each check names its precision; every op and the golden checkpoint at 1, 2 and 4 ranks at each", async () => {
-    const r = await ds3(["selftest", "--backend", "cpu", "--json", "--golden", "test/fixtures/tiny-v3"]);
+  it("--backend cpu --json: every precision by default, passes, the JSON parses, each check names its precision; every op and the golden checkpoint at the --world-sizes given at each", async () => {
+    const r = await ds3(["selftest", "--backend", "cpu", "--json", "--golden", "test/fixtures/tiny-v3", "--world-sizes", "1,2"]);
     expect(r.stderr).toBe("");
     expect(r.code).toBe(0);
     const o = JSON.parse(r.stdout) as Report;
@@ -59,7 +59,8 @@ describe("ds3 selftest", () => {
       const mine = o.checks.filter((c) => c.precision === p);
       const ops = new Set(mine.map((c) => c.op));
       for (const op of OPS) expect(ops, `${p} ${op}`).toContain(op);
-      for (const ws of [1, 2, 4]) expect(mine.map((c) => c.name)).toContain(`tiny-v3 at world size ${ws}: golden logits, ${p === "exact" ? "every position" : "mean cosine similarity over every position"}`);
+      for (const ws of [1, 2]) expect(mine.map((c) => c.name)).toContain(`tiny-v3 at world size ${ws}: golden logits, ${p === "exact" ? "every position" : "mean cosine similarity over every position"}`);
+      expect(mine.some((c) => c.name.includes("world size 4")), p).toBe(false); // --world-sizes 1,2
     }
     // without --golden: the repository's two checkpoints
     const ex = await ds3(["selftest", "--backend", "cpu", "--json", "--precision", "exact"]);
@@ -108,6 +109,9 @@ describe("ds3 selftest", () => {
     const p = await ds3(["selftest", "--backend", "cpu", "--precision", "exact,fp4"]);
     expect(p.code).toBe(2);
     expect(p.stderr).toMatch(/--precision: "fp4" is not a precision \(exact, bf16, fp8, fp8-ue8m0, fp8-fnuz, or all\)/);
+    const ws = await ds3(["selftest", "--backend", "cpu", "--world-sizes", "1,0"]);
+    expect(ws.code).toBe(2);
+    expect(ws.stderr).toMatch(/--world-sizes: "0" is not a positive integer \(in "1,0"\)/);
   });
 
   it("a BF16-only backend: the other precisions are 'not supported' by default (exit 0), and a failure when asked for", async () => {

@@ -17,6 +17,7 @@ interface Args {
   golden?: string[];
   json?: boolean;
   precision: string;
+  worldSizes: string;
 }
 
 export const command = "selftest";
@@ -34,6 +35,7 @@ export function builder(y: Argv): Argv {
         describe: `precisions to run, comma separated: ${PRECISION_NAMES.join(", ")} or all (every precision the backend supports; the others are reported as not supported). A precision named here that the backend does not support fails`,
         requiresArg: true,
       },
+      "world-sizes": { type: "string", default: "1,2,4", describe: "world sizes of the end-to-end checks through worker ranks, comma separated", requiresArg: true },
     })
     .example("$0 selftest --backend cuda", "")
     .example("$0 selftest --json > report.json", "")
@@ -55,13 +57,21 @@ function parsePrecision(v: string): PrecisionName[] | "all" {
   return list as PrecisionName[];
 }
 
+/** --world-sizes: positive integers, comma separated */
+function parseWorldSizes(v: string): number[] {
+  const list = v.split(",").map((x) => x.trim());
+  for (const x of list) if (!/^[1-9]\d*$/.test(x)) throw new UsageError(`--world-sizes: "${x}" is not a positive integer (in "${v}")`, 2);
+  return list.map(Number);
+}
+
 export async function handler(a: Args): Promise<void> {
   const precision = parsePrecision(a.precision);
+  const worldSizes = parseWorldSizes(a.worldSizes);
   const provider = await getBackend(a.backend);
   const golden = a.golden ?? checkoutFixtures();
   for (const d of a.golden ?? []) if (!existsSync(join(d, "golden.json"))) throw new UsageError(`--golden ${d}: no golden.json there`, 2);
   if (!golden.length) notice("no --golden DIR given (and no repository fixtures found): the end-to-end checks through worker ranks do not run");
-  const report = await runConformance(provider, { precision, goldenDirs: golden.map((d) => resolve(d)) });
+  const report = await runConformance(provider, { precision, worldSizes, goldenDirs: golden.map((d) => resolve(d)) });
   if (a.json) process.stdout.write(JSON.stringify(report) + "\n"); // a worst error that is not a number (NaN, inf) is null
   else process.stdout.write(formatConformance(report) + "\n");
   if (!report.ok) throw new UsageError(`selftest failed on backend ${report.backend}: ${report.checks.filter((c) => !c.ok).map((c) => `${c.name} [${c.precision}]`).join("; ")}`, 1);
