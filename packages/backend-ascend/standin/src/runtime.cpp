@@ -41,7 +41,8 @@ SI_EXPORT int aclrtGetDeviceCount(uint32_t* count) {
   return ACL_SUCCESS;
 }
 
-SI_EXPORT const char* aclrtGetSocName() { return "Ascend910B3 (stand-in)"; }
+// real SoC names have no spaces ("Ascend910B3"); callers may split on them
+SI_EXPORT const char* aclrtGetSocName() { return "Ascend910B3-standin"; }
 
 SI_EXPORT int aclrtSetDevice(int32_t deviceId) {
   if (int rc = requireInit("aclrtSetDevice")) return rc;
