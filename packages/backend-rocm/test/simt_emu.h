@@ -105,6 +105,8 @@ inline void sincos(double x, double* s, double* c) {
 namespace ds3emu {
 
 constexpr int W = DS3_EMU_WARP;
+/** FP8 weights decoded as e4m3fnuz (what the gfx942 code object does after the load-time conversion) */
+inline bool fnuz_weights = false;
 enum State { RUN = 0, AT_BLOCK = 1, AT_WARP = 2, DONE = 3 };
 
 struct Fiber {

@@ -281,8 +281,11 @@ void check_act_prep() {
 }
 
 // ---- GEMV: lanes stream 16-element chunks, WARP * 16 per warp step, warp sums; split-K over warps ------------
-void check_gemv() {
-  for (int wt : {W_F8, W_BF16}) {
+void check_gemv(bool fnuz) {
+  // fnuz: the weights go through launch_fp8_to_fnuz (as the addon does on gfx94x) and are decoded as e4m3fnuz;
+  // the reference still reads the original OCP bytes and scales
+  ds3emu::fnuz_weights = fnuz;
+  for (int wt : fnuz ? std::vector<int>{W_F8} : std::vector<int>{W_F8, W_BF16}) {
     for (int K : {1040, 4096 + 48}) {
       const int N = 37;
       std::vector<uint8_t> w8(size_t(N) * K);
@@ -293,11 +296,13 @@ void check_gemv() {
       for (auto& v : w8) {
         do v = uint8_t(rng() & 0xff); while ((v & 0x7f) == 0x7f);
       }
+      for (size_t i = 0; i < w8.size(); i += 97) w8[i] = 0x80;  // OCP -0: NaN in fnuz, converted to +0
       for (auto& v : w16) v = bf16_of(unif(-1, 1));
-      WDesc wd{wt == W_F8 ? (void*)w8.data() : (void*)w16.data(), wt == W_F8 ? scale.data() : nullptr, N, K, scn, 0, wt, 0};
-      WDesc w2 = wd;  // the second weight of the fused pair: same matrix shifted by one row
-      w2.data = wt == W_F8 ? (void*)(w8.data()) : (void*)(w16.data());
-      WDesc tab[3] = {wd, wd, w2};
+      std::vector<uint8_t> dev8 = w8;
+      std::vector<float> devScale = scale;
+      if (fnuz) launch_fp8_to_fnuz(nullptr, dev8.data(), int64_t(dev8.size()), devScale.data(), int64_t(devScale.size()));
+      WDesc wd{wt == W_F8 ? (void*)dev8.data() : (void*)w16.data(), wt == W_F8 ? devScale.data() : nullptr, N, K, scn, 0, wt, 0};
+      WDesc tab[3] = {wd, wd, wd};  // the fused gate/up pair reads the same matrix twice
       auto wref = [&](int n, int k) { return wt == W_F8 ? ref_fp8(w8[size_t(n) * K + k]) * scale[(n >> 7) * scn + (k >> 7)] : ref_bf16(w16[size_t(n) * K + k]); };
       for (int M : {1, 3, 8}) {
         for (int dual = 0; dual < 2; dual++) {
@@ -328,12 +333,21 @@ void check_gemv() {
                 r[m * N + n] = s;
               }
             }
-          report(std::string("gemv ") + (wt == W_F8 ? "f8" : "bf16") + " K=" + std::to_string(K) + " M=" + std::to_string(M) + (dual ? " fused gate/up" : ""),
+          report(std::string("gemv ") + (wt == W_F8 ? (fnuz ? "f8 (fnuz, gfx942)" : "f8") : "bf16") + " K=" + std::to_string(K) + " M=" + std::to_string(M) + (dual ? " fused gate/up" : ""),
                  relerr(y, r), 1e-5);
         }
       }
+      if (wt == W_F8) {  // the f32 copy of a slice that starts inside a scale block (launch_dequant_f32)
+        std::vector<float> f(size_t(N) * K);
+        launch_dequant_f32(nullptr, dev8.data(), devScale.data(), N, K, scn, 0, 0, f.data());
+        std::vector<double> r(f.size());
+        for (int n = 0; n < N; n++)
+          for (int k = 0; k < K; k++) r[size_t(n) * K + k] = float(wref(n, k));  // one fp32 rounding of an exact product
+        report(std::string("dequant f8") + (fnuz ? " (fnuz, gfx942)" : "") + " K=" + std::to_string(K), relerr(f, r), 0);
+      }
     }
   }
+  ds3emu::fnuz_weights = false;
 }
 
 // ---- MLA attention (SIMT): lanes = (head slot, position), segment max/sum over AJ lanes, online softmax ----------
@@ -446,7 +460,8 @@ int main(int argc, char** argv) {
     if (argc >= 2 && std::string(argv[1]) == "checks") {
       const std::string only = argc >= 3 ? argv[2] : "";
       const std::map<std::string, std::function<void()>> all = {{"rmsnorm", check_rmsnorm}, {"argmax", check_argmax}, {"route", check_route},
-                                                                  {"plan", check_plan},       {"act", check_act_prep},   {"gemv", check_gemv},
+                                                                  {"plan", check_plan},       {"act", check_act_prep},   {"gemv", [] { check_gemv(false); }},
+                                                                  {"gemv-fnuz", [] { check_gemv(true); }},
                                                                   {"mla", check_mla}};
       for (auto& [k, fn] : all)
         if (only.empty() || only == k) fn();

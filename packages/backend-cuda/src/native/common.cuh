@@ -14,7 +14,7 @@ namespace ds3cu {
 // (e4m3fn: bias 7, max 448, 0x7f/0xff NaN; encoding round-to-nearest-even, saturating at +-448, NaN -> 0x7f;
 // bf16: round-to-nearest-even). gfx942 (MI300) weights are stored as e4m3fnuz (converted at load: 0x80 -> 0,
 // other bytes unchanged, block scales doubled): DS3_FP8_FNUZ selects that decoding for weights.
-#if defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__) || defined(DS3_EMU_FNUZ)
+#if defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__)
 #define DS3_FP8_FNUZ 1
 #endif
 __device__ __forceinline__ float ldexp_i(float m, int e) {
@@ -59,6 +59,8 @@ __device__ __forceinline__ uint8_t to_fp8_bits(float x) {
 __device__ __forceinline__ float fp8_to_f32(uint8_t b) {
 #if defined(DS3_FP8_FNUZ)
   return fp8_fnuz_to_f32(b);
+#elif defined(DS3_SIMT_EMU)
+  return ds3emu::fnuz_weights ? fp8_fnuz_to_f32(b) : fp8_ocp_to_f32(b);  // the emulator runs both
 #else
   return fp8_ocp_to_f32(b);
 #endif

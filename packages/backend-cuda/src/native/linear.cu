@@ -705,9 +705,14 @@ __global__ void act_prep_kernel(const float* __restrict__ x, int64_t ldx, const 
     for (int i = 0; i < EPL; i++)
       if (k0 + i < K) o[k0 + i] = __float2bfloat16_rn(v[i]);
   } else {
-    float amax = 0.f;
+    float amax;
+    if constexpr (EPL == 4) {
+      amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+    } else {
+      amax = 0.f;
 #pragma unroll
-    for (int i = 0; i < EPL; i++) amax = fmaxf(amax, fabsf(v[i]));
+      for (int i = 0; i < EPL; i++) amax = fmaxf(amax, fabsf(v[i]));
+    }
     amax = fmaxf(warp_max(amax), 1e-4f);
     float s = amax / 448.0f;
     if constexpr (MODE == PREP_FP8_UE8M0 || MODE == PREP_QDQ_UE8M0) s = exp2f(ceilf(log2f(s)));

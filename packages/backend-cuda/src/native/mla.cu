@@ -255,7 +255,7 @@ constexpr int ANW = ATHR / WARP;                  // warps per block
 constexpr int HPW = WARP / AJ;                    // heads per warp and pass
 constexpr int HPP = ANW * HPW;                    // heads per pass
 constexpr int AHH = (AHG + HPP - 1) / HPP;        // passes (2 on CUDA, 1 on AMD)
-static_assert(AJ <= WARP && WARP % AJ == 0 && AJ % 4 == 0, "attention tile vs warp width");
+static_assert(AJ <= WARP && WARP % AJ == 0 && AJ % 4 == 0 && (AJ & (AJ - 1)) == 0, "attention tile vs warp width");
 
 static size_t attn_smem(int hg, int W) { return sizeof(float) * (size_t(hg) * W + size_t(AJ) * (W + 1) + size_t(hg) * AJ + 3 * hg); }
 int mla_attn_max_heads(int C, int R) {
@@ -278,8 +278,8 @@ __global__ void __launch_bounds__(ATHR) mla_attn_kernel(const AttnArgs a) {
   float* ls = al + hg;          // [hg]
   float* ms = ls + hg;          // [hg]
   const int t = blockIdx.x, h0 = blockIdx.y * hg, split = blockIdx.z;
-  const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
-  const int jl = lane % AJ, hs = lane / AJ;  // position in the tile, head slot of this lane
+  const int tid = threadIdx.x, warp = tid >> WARP_LOG2, lane = tid & (WARP - 1);
+  const int jl = lane & (AJ - 1), hs = lane / AJ;  // position in the tile, head slot of this lane (AJ: a power of 2)
   const int P = a.m.pos[t] + 1;
   const int jb = split * a.splitLen, je = min(P, jb + a.splitLen);
   const int seq = a.m.seq[t];

@@ -193,14 +193,13 @@ __device__ bool sorted_search(const Row& R, const Pred& p, bool mass, bool stric
         act = (r & mask) == prefix && R.in(p, i, r);
       }
       const unsigned bin = act ? (r >> shift) & 255u : 256u;
-      const unsigned long long q = mass && act ? (unsigned long long)(R.w[i] * FX) : 0ull;
-      const unsigned hi = unsigned(q >> 23), lo = unsigned(q & 0x7fffffu);
-      // hi sums up to WARP values < 2^23 (w <= 1): no 32-bit overflow at 64 lanes either
-      lanemask_t g;
-      unsigned hs, ls;
-      match_add2(bin, hi, lo, g, hs, ls);
+      const lanemask_t g = match_any(bin);
       const bool leader = act && ln == lowest_lane(g);
       if (mass) {
+        const unsigned long long q = act ? (unsigned long long)(R.w[i] * FX) : 0ull;
+        const unsigned hi = unsigned(q >> 23), lo = unsigned(q & 0x7fffffu);
+        unsigned hs, ls;  // (hi: at most WARP values <= 2^23 (w <= 1): no 32-bit overflow at 64 lanes)
+        group_add2(g, hi, lo, hs, ls);
         if (leader) atomicAdd(&s.hm[bin], ((unsigned long long)hs << 23) + ls);
       } else if (leader) {
         atomicAdd(&s.hc[bin], unsigned(popc(g)));
@@ -396,9 +395,9 @@ __global__ void __launch_bounds__(ST) sample_kernel(const float* __restrict__ x,
           q = act ? (unsigned long long)(w[i] * FX) : 0ull;
         }
         const unsigned key = act ? b : unsigned(NB);
-        lanemask_t g;
+        const lanemask_t g = match_any(key);
         unsigned hs, ls;
-        match_add2(key, unsigned(q >> 23), unsigned(q & 0x7fffffu), g, hs, ls);
+        group_add2(g, unsigned(q >> 23), unsigned(q & 0x7fffffu), hs, ls);
         if (act && ln == lowest_lane(g)) atomicAdd(&mbuck[b], ((unsigned long long)hs << 23) + ls);
       }
       __syncthreads();

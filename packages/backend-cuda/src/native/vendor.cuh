@@ -4,9 +4,9 @@
 //   shfl_xor / shfl_up / shfl   all lanes of the warp take part (full mask on CUDA)
 //   ballot                      lanemask_t: 32-bit on CUDA, 64-bit on AMD
 //   lowest_lane / highest_lane  index of the lowest / highest set lane of a mask (mask != 0)
-//   match_add2                  the lanes that hold the same key, and the sums of two values over them
-//                               (CUDA: __match_any_sync + __reduce_add_sync; AMD has neither: a loop over the
-//                               distinct keys of the wave with a full-width butterfly sum each)
+//   match_any / group_add2      the lanes that hold the same key; sums of two values over such a group
+//                               (CUDA: __match_any_sync / __reduce_add_sync; AMD has neither: loops over the
+//                               distinct keys / groups of the wave, a ballot or a full-width butterfly sum each)
 // Number formats: CUDA uses cuda_fp8/cuda_bf16; AMD and the emulator use exact software conversions (see common.cuh).
 #pragma once
 #include "vendor.h"
@@ -55,19 +55,28 @@ __device__ __forceinline__ unsigned warp_sum_u(unsigned v) {
   for (int o = WARP / 2; o > 0; o >>= 1) v += shfl_xor(v, o);
   return v;
 }
-/** g = the lanes whose key equals this lane's; sa, sb = sums of a, b over them (32-bit wrap-around, as
- *  __reduce_add_sync). Every lane of the wave must call it. One round per distinct key in the wave. */
-__device__ __forceinline__ void match_add2(unsigned key, unsigned a, unsigned b, lanemask_t& g, unsigned& sa, unsigned& sb) {
-  lanemask_t todo = ~lanemask_t(0);
-  g = 0;
-  sa = sb = 0;
+/** the lanes whose key equals this lane's (__match_any_sync): one round per distinct key in the wave */
+__device__ __forceinline__ lanemask_t match_any(unsigned key) {
+  lanemask_t todo = ~lanemask_t(0), g = 0;
   while (todo) {
     const unsigned k = shfl(key, lowest_lane(todo));
-    const bool mine = key == k;
-    const lanemask_t m = ballot(mine);
-    const unsigned ta = warp_sum_u(mine ? a : 0u), tb = warp_sum_u(mine ? b : 0u);
-    if (mine) g = m, sa = ta, sb = tb;
+    const lanemask_t m = ballot(key == k);
+    if (key == k) g = m;
     todo &= ~m;
+  }
+  return g;
+}
+/** sa, sb = sums of a, b over the lanes of this lane's group g (__reduce_add_sync(g, .), 32-bit wrap-around); the
+ *  groups must partition the wave (as match_any's do). One round per group, each a full-width butterfly. */
+__device__ __forceinline__ void group_add2(lanemask_t g, unsigned a, unsigned b, unsigned& sa, unsigned& sb) {
+  lanemask_t todo = ~lanemask_t(0);
+  sa = sb = 0;
+  while (todo) {
+    const lanemask_t gm = shfl(g, lowest_lane(todo));
+    const bool mine = g == gm;
+    const unsigned ta = warp_sum_u(mine ? a : 0u), tb = warp_sum_u(mine ? b : 0u);
+    if (mine) sa = ta, sb = tb;
+    todo &= ~gm;
   }
 }
 #else
@@ -83,8 +92,8 @@ __device__ __forceinline__ lanemask_t ballot(bool p) { return __ballot_sync(0xff
 __device__ __forceinline__ int lowest_lane(lanemask_t m) { return __ffs(m) - 1; }
 __device__ __forceinline__ int highest_lane(lanemask_t m) { return 31 - __clz(m); }
 __device__ __forceinline__ int popc(lanemask_t m) { return __popc(m); }
-__device__ __forceinline__ void match_add2(unsigned key, unsigned a, unsigned b, lanemask_t& g, unsigned& sa, unsigned& sb) {
-  g = __match_any_sync(0xffffffffu, key);
+__device__ __forceinline__ lanemask_t match_any(unsigned key) { return __match_any_sync(0xffffffffu, key); }
+__device__ __forceinline__ void group_add2(lanemask_t g, unsigned a, unsigned b, unsigned& sa, unsigned& sb) {
   sa = __reduce_add_sync(g, a);
   sb = __reduce_add_sync(g, b);
 }

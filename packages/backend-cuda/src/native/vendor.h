@@ -71,6 +71,8 @@ constexpr int WARP = 64;  // wavefront of gfx90a / gfx942 / gfx950
 #else
 constexpr int WARP = 32;
 #endif
+constexpr int WARP_LOG2 = WARP == 64 ? 6 : 5;
+static_assert(1 << WARP_LOG2 == WARP, "WARP is 32 or 64");
 /** shared memory (LDS) one block may use: Hopper 227 KB, AMD CDNA 64 KB per workgroup (MI200/MI300); the
  *  emulator at width 64 takes AMD's limit so that it runs AMD's tilings */
 #if defined(DS3_SIMT_EMU)

@@ -2,6 +2,9 @@
 // and reports why it cannot run (the same surface as @ds3/backend-cuda's stub).
 #include <napi.h>
 
+#if __has_include("ds3_stub_reason.h")
+#include "ds3_stub_reason.h"  // written by CMakeLists.txt
+#endif
 #ifndef DS3_STUB_WHY
 #define DS3_STUB_WHY "no HIP toolchain"
 #endif
