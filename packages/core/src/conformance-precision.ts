@@ -19,6 +19,8 @@
 //   probabilities, the latent output / h1, h3, silu*up and the expert outputs; the reference
 //   rounds where the CPU backend does, and a rounding error of relative size U passed through a
 //   linear map of random signs stays of size U relative to its output). Copies are exact.
+//   FP8 activation quantization adds no allowance: the reference quantizes the op's inputs exactly
+//   as quant.ts defines it (the quantizer grids hold each backend's quantizer to that, bit for bit).
 // Inputs and weights are drawn on the bf16 grid, so a backend that stores uploads and f32
 // weights in bf16 loses nothing; the router's inputs are redrawn until every choice has a margin
 // of 0.02, so that no bound-respecting rounding can flip an expert.
@@ -35,7 +37,7 @@ function bound(p: Precision, roundings: number, base = OP_TOL): number {
   return base + (p.activations === "bf16" ? roundings * U_BF16 : 0);
 }
 
-/** the FP8 e4m3fn byte of a value that is exactly one (the checkpoints' weight format) */
+/** the FP8 e4m3fn byte of a value e4m3fn represents exactly (the checkpoints' weight format) */
 const FN_CODE = new Map<number, number>();
 for (let b = 0; b < 256; b++) if ((b & 0x7f) !== 0x7f && !FN_CODE.has(fp8e4m3Decode(b))) FN_CODE.set(fp8e4m3Decode(b), b);
 function fnCode(v: number): number {

@@ -81,7 +81,13 @@ export function actQuantFormat(mode: Exclude<ActQuant, "none">): Fp8Format {
 const f32 = Math.fround;
 const AMAX_FLOOR = f32(1e-4);
 
-/** the scale of one 128-channel block with largest magnitude `amax` (fp32 arithmetic, as DeepSeek's kernel) */
+/**
+ * The scale of one 128-channel block with largest magnitude `amax` (fp32 arithmetic, as DeepSeek's
+ * kernel). ue8m0: the exact 2^ceil(log2 s); a kernel that takes log2 in fp32 (DeepSeek's, the CPU
+ * backend's) can round s just above a power of two down to it, where it then saturates the block's
+ * largest values: a band of relative width ~2^-23 next to each power of two that the conformance
+ * grids stay clear of.
+ */
 export function actQuantScale(amax: number, mode: Exclude<ActQuant, "none">): number {
   const s = f32(Math.max(AMAX_FLOOR, amax) / actQuantFormat(mode).max);
   return mode === "fp8-ue8m0" ? 2 ** (exponentOf(s) + (2 ** exponentOf(s) === s ? 0 : 1)) : s;
