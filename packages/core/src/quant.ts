@@ -85,7 +85,7 @@ const AMAX_FLOOR = f32(1e-4);
  * The scale of one 128-channel block with largest magnitude `amax` (fp32 arithmetic, as DeepSeek's
  * kernel). ue8m0: the exact 2^ceil(log2 s); a kernel that takes log2 in fp32 (DeepSeek's, the CPU
  * backend's) can round s just above a power of two down to it, where it then saturates the block's
- * largest values: a band of relative width ~2^-23 next to each power of two that the conformance
+ * largest values: a band of relative width around 1e-6 above each power of two that the conformance
  * grids stay clear of.
  */
 export function actQuantScale(amax: number, mode: Exclude<ActQuant, "none">): number {
