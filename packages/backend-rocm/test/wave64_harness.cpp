@@ -276,6 +276,41 @@ void check_act_prep() {
   double mx = 0;
   for (size_t i = 0; i < q.size(); i++) mx = std::max(mx, std::fabs(q[i] - r[i]));
   report("actQuant qdq (max |diff|)", mx, 0);
+  {  // fp8-fnuz: s = amax / 240, nearest e4m3fnuz (the e4m3 grid halved, max 240; ties to the even code; no -0)
+    std::vector<float> xf = x;
+    const float ties[] = {240.f, 232.f, 0.00048828125f, 1.0625f, 1.1875f, -0.f, -232.f, 100.f};  // row 0, block 0: s = 1
+    for (int i = 0; i < 8; i++) xf[i] = ties[i];
+    for (int i = 8; i < 128; i++) xf[i] = unif(-200, 200);
+    std::vector<float> qf(xf.size());
+    launch_act_prep(nullptr, PREP_QDQ_FNUZ, xf.data(), K, nullptr, 0, nullptr, nullptr, rows, K, qf.data(), nullptr, 0);
+    auto fnuz = [](double y) {  // search over the 127 non-negative finite codes
+      double best = 0, bd = INFINITY;
+      int bc = 0;
+      for (int c = 0; c < 128; c++) {
+        const int e = c >> 3, m = c & 7;
+        const double v = e == 0 ? std::ldexp(m / 8.0, -7) : std::ldexp(1 + m / 8.0, e - 8);
+        const double d = std::fabs(v - std::fabs(y));
+        if (d < bd || (d == bd && (c & 1) == 0)) bd = d, best = v, bc = c;
+      }
+      (void)bc;
+      return y < 0 && best != 0 ? -best : best;
+    };
+    double mf = 0;
+    for (int t = 0; t < rows; t++)
+      for (int kb = 0; kb < ksb; kb++) {
+        float amax = 0;
+        for (int k = kb * 128; k < std::min(K, kb * 128 + 128); k++) amax = std::max(amax, std::fabs(xf[t * K + k]));
+        const float s = std::max(amax, 1e-4f) / 240.0f;
+        for (int k = kb * 128; k < std::min(K, kb * 128 + 128); k++) {
+          const float r = float(float(fnuz(double(xf[t * K + k] / s))) * s);
+          mf = std::max(mf, double(std::fabs(qf[t * K + k] - r)) + (std::signbit(qf[t * K + k]) != std::signbit(r) ? 1.0 : 0.0));
+        }
+      }
+    const bool tiesOk = qf[0] == 240.f && qf[1] == 224.f && qf[2] == 0.f && !std::signbit(qf[2]) && qf[3] == 1.f && qf[4] == 1.25f &&
+                        qf[5] == 0.f && !std::signbit(qf[5]) && qf[6] == -224.f && qf[7] == 96.f;
+    report("actQuant fp8-fnuz qdq (max |diff|)", mf, 0);
+    report("actQuant fp8-fnuz ties (232->224, 2^-11->0, 1.0625->1, 1.1875->1.25, -0->+0, 100->96)", tiesOk ? 0 : 1, 0);
+  }
   report("actQuant fp8 bytes", badB, 0);
   report("actQuant scales", badS, 0);
 }

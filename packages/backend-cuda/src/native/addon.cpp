@@ -226,6 +226,11 @@ class Context : public Napi::ObjectWrap<Context> {
     actBf16_ = o.Get("actBf16").ToBoolean() ? 1 : 0;
     actQuant_ = o.Get("actQuant").As<Napi::Number>().Int32Value();
     graphsWanted_ = o.Has("graphs") && o.Get("graphs").ToBoolean();
+#if defined(DS3_HIP)
+    if (actQuant_ < 0 || actQuant_ > 3) throw std::runtime_error("actQuant must be 0..3 (none, fp8, fp8-ue8m0, fp8-fnuz)");
+#else
+    if (actQuant_ == 3) throw std::runtime_error("actQuant fp8-fnuz is AMD's FP8 format; the CUDA build computes OCP e4m3fn (fp8, fp8-ue8m0)");
+#endif
     int n = 0;
     CK(cudaGetDeviceCount(&n));
     if (dev_ < 0 || dev_ >= n)
@@ -463,7 +468,8 @@ class Context : public Napi::ObjectWrap<Context> {
 
   // ---- the linear family -------------------------------------------------------------------------
   int mcFor(int M) { return M <= 1 ? 1 : M <= 4 ? 4 : 8; }
-  int prepQ() const { return actQuant_ == 2 ? PREP_QDQ_UE8M0 : PREP_QDQ; }
+  // actQuant: 0 none, 1 fp8, 2 fp8-ue8m0, 3 fp8-fnuz (AMD's format: the ROCm build only)
+  int prepQ() const { return actQuant_ == 2 ? PREP_QDQ_UE8M0 : actQuant_ == 3 ? PREP_QDQ_FNUZ : PREP_QDQ; }
   int prepF8() const { return actQuant_ == 2 ? PREP_FP8_UE8M0 : PREP_FP8; }
 
   /** too few output tiles to fill the GPU: split K (partials summed in order by a second kernel) */

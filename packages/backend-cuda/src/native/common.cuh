@@ -55,6 +55,26 @@ __device__ __forceinline__ uint8_t to_fp8_bits(float x) {
   if (e > 15 || (e == 15 && m == 7)) return uint8_t(sign | 0x7e);
   return uint8_t(sign | (e << 3) | m);
 }
+/** round to the nearest e4m3fnuz value (the e4m3 grid halved, up to 240), ties to even, saturating at +-240,
+ *  never -0: the "fp8-fnuz" activation quantization (the CPU backend emulates the same) */
+__device__ __forceinline__ float round_fnuz(float x) {
+  const float a = fabsf(x) * 2.0f;  // on the e4m3 grid extended by 480 (code 0x7f): exact doubling
+  if (!(a == a)) return x;
+  int code;
+  if (a >= 480.0f) {
+    code = 0x7f;
+  } else if (a < 0.015625f) {
+    code = int(rintf(a * 512.0f));
+  } else {
+    const uint32_t ab = __float_as_uint(a);
+    const uint32_t r = ab + 0x7ffffu + ((ab >> 20) & 1u);
+    const int e = int(r >> 23) - 127 + 7;
+    code = e > 15 ? 0x7f : ((e << 3) | int((r >> 20) & 7u));
+  }
+  const int e = code >> 3, m = code & 7;
+  const float v = (e == 0 ? float(m) * (1.0f / 512.0f) : ldexp_i(1.0f + float(m) * 0.125f, e - 7)) * 0.5f;
+  return (x < 0 && v != 0.0f) ? -v : v;
+}
 /** a weight byte -> float (e4m3fnuz on gfx94x, where the bytes were converted at load; else OCP) */
 __device__ __forceinline__ float fp8_to_f32(uint8_t b) {
 #if defined(DS3_FP8_FNUZ)

@@ -716,6 +716,15 @@ __global__ void act_prep_kernel(const float* __restrict__ x, int64_t ldx, const 
     amax = fmaxf(warp_max(amax), 1e-4f);
     float s = amax / 448.0f;
     if constexpr (MODE == PREP_FP8_UE8M0 || MODE == PREP_QDQ_UE8M0) s = exp2f(ceilf(log2f(s)));
+#if defined(DS3_SOFT_FORMATS)
+    if constexpr (MODE == PREP_QDQ_FNUZ) {
+      s = amax / 240.0f;
+      float* o = static_cast<float*>(out) + int64_t(row) * K;
+#pragma unroll
+      for (int i = 0; i < EPL; i++)
+        if (k0 + i < K) o[k0 + i] = round_fnuz(v[i] / s) * s;
+    } else
+#endif
     if constexpr (MODE == PREP_FP8 || MODE == PREP_FP8_UE8M0) {
       uint8_t* o = static_cast<uint8_t*>(out) + int64_t(row) * K;
 #pragma unroll
@@ -744,6 +753,9 @@ void launch_act_prep(cudaStream_t s, int mode, const float* x, int64_t ldx, cons
     PREP_CASE(PREP_BF16)
     PREP_CASE(PREP_QDQ)
     PREP_CASE(PREP_QDQ_UE8M0)
+#if defined(DS3_SOFT_FORMATS)
+    PREP_CASE(PREP_QDQ_FNUZ)
+#endif
     default:
       act_prep_kernel<PREP_COPY><<<blocks, 8 * WARP, 0, s>>>(x, ldx, x2, silu_mul, rowIdx, nRows, rows, K, out, scales, round);
   }

@@ -75,7 +75,8 @@ void launch_gemv(cudaStream_t s, const GemmArgs& a, int wtype, bool dual, int sl
 void launch_simt(cudaStream_t s, const GemmArgs& a, int wtype, int mtiles, int z);
 void launch_tc(cudaStream_t s, const GemmArgs& a, bool fp8a, bool wbf16, int mtiles);
 
-enum PrepMode : int { PREP_FP8 = 0, PREP_FP8_UE8M0 = 1, PREP_BF16 = 2, PREP_QDQ = 3, PREP_QDQ_UE8M0 = 4, PREP_COPY = 5 };
+enum PrepMode : int { PREP_FP8 = 0, PREP_FP8_UE8M0 = 1, PREP_BF16 = 2, PREP_QDQ = 3, PREP_QDQ_UE8M0 = 4, PREP_COPY = 5, PREP_QDQ_FNUZ = 6 };
+// PREP_QDQ_FNUZ: the "fp8-fnuz" mode (AMD MI300's FP8): s = max(amax, 1e-4) / 240, x -> round_fnuz(x / s) * s
 /** rows of x (gathered by rowIdx; with silu: silu(x) * x2, rounded when `round`) prepared as the
  *  kernels want them: fp8 + scales, bf16, fp32 quantize-dequantized (act_quant emulated), or a copy. */
 void launch_act_prep(cudaStream_t s, int mode, const float* x, int64_t ldx, const float* x2, int silu, const int* rowIdx,
