@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -112,7 +113,7 @@ enum State { RUN = 0, AT_BLOCK = 1, AT_WARP = 2, DONE = 3 };
 struct Fiber {
   ucontext_t uc;
   jmp_buf jb;
-  std::vector<char> stack;
+  std::unique_ptr<char[]> stack;  // not zero-filled: untouched pages cost nothing
   dim3 tid;
   int lin = 0;
   int state = RUN;
@@ -172,21 +173,21 @@ inline void trampoline() {
 /** runs one block: fibers 0..n-1, round-robin, releasing warp and block barriers */
 inline void run_block(int n) {
   Emu& e = emu();
-  const size_t STACK = 256 * 1024;
+  const size_t STACK = 128 * 1024;
   if (e.fibers.size() < size_t(n)) e.fibers.resize(n);
   const int nw = n / W;
   if (e.waves.size() < size_t(nw)) e.waves.resize(nw);
   for (int i = 0; i < n; i++) {
     Fiber& f = e.fibers[i];
-    if (f.stack.size() < STACK) f.stack.assign(STACK, 0);
+    if (!f.stack) f.stack.reset(new char[STACK]);
     f.lin = i;
     f.tid = dim3(i % e.blockDim.x, (i / e.blockDim.x) % e.blockDim.y, i / (e.blockDim.x * e.blockDim.y));
     f.state = RUN;
     f.started = false;
     f.ops = 0;
     getcontext(&f.uc);
-    f.uc.uc_stack.ss_sp = f.stack.data();
-    f.uc.uc_stack.ss_size = f.stack.size();
+    f.uc.uc_stack.ss_sp = f.stack.get();
+    f.uc.uc_stack.ss_size = STACK;
     f.uc.uc_link = nullptr;
     makecontext(&f.uc, trampoline, 0);
   }

@@ -25,9 +25,6 @@
 #endif
 
 #include "graphs.h"
-#if defined(DS3_HIP)
-#include <unistd.h>
-#endif
 
 using namespace ds3cu;
 
@@ -1468,9 +1465,8 @@ Napi::Value Probe(const Napi::CallbackInfo& info) {
   if (e != hipSuccess || n == 0) {
     hipGetLastError();
     r.Set("ok", false);
-    std::string why = e != hipSuccess ? hipGetErrorString(e) : "no ROCm devices found";
-    if (access("/dev/kfd", F_OK) != 0) why += " (no /dev/kfd: the amdgpu kernel driver is not loaded, or the container lacks --device=/dev/kfd)";
-    r.Set("reason", "ROCm not available: " + why);
+    // (the TS layer adds why, where the machine can tell: /dev/kfd, permissions, visibility variables)
+    r.Set("reason", std::string("ROCm not available: ") + (e != hipSuccess ? hipGetErrorString(e) : "no ROCm devices found"));
     return r;
   }
   auto devs = Napi::Array::New(env);
