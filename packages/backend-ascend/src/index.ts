@@ -39,7 +39,10 @@ interface ProbeResult {
   ok: boolean;
   reason: string;
   libDir: string;
+  /** the toolkit's version ("8.1.RC1"), empty when no version file was found */
   version: string;
+  /** "CANN 8.1.RC1", or "CANN version unknown (no ascend_toolkit_install.info or version.info at <dir>)" */
+  versionText?: string;
   hccl: boolean;
   devices: Array<{ label: string; name: string; memoryTotal: number; memoryFree: number }>;
 }
@@ -72,6 +75,7 @@ interface NativeCtx {
 interface Native {
   Context: new (o: { device: number; bf16: boolean }) => NativeCtx;
   probe(): ProbeResult;
+  standinStats(): string | null;
 }
 
 /** Counters of one context (tests and benchmarks read them). */
@@ -116,6 +120,33 @@ export function probe(): ProbeResult {
     return load().probe();
   } catch (e) {
     return { ok: false, reason: (e as Error).message, libDir: "", version: "", hccl: false, devices: [] };
+  }
+}
+
+/** Live-object counters of the CPU stand-in of CANN (standin/, tests only): live tensors, lists, executors,
+ * device allocations, refused destroys and every error code returned so far. null on real CANN or without CANN. */
+export interface StandinStats {
+  tensors: number;
+  tensorLists: number;
+  intArrays: number;
+  scalars: number;
+  executorsPending: number;
+  streams: number;
+  deviceAllocs: number;
+  deviceBytes: number;
+  comms: number;
+  eager: boolean;
+  refusedDestroys: number;
+  /** error code -> times returned (any library, any thread) */
+  errors: Record<string, number>;
+  [k: string]: unknown;
+}
+export function standinStats(): StandinStats | null {
+  try {
+    const s = load().standinStats();
+    return s ? (JSON.parse(s) as StandinStats) : null;
+  } catch {
+    return null;
   }
 }
 
@@ -210,8 +241,19 @@ export class AscendContext implements BackendContext {
     }
     return new AscendWeight(this.n.weight(hw.dtype, r, c, hw.data), hw.shape, hw.dtype);
   }
+  private expertWidth = new Map<number, number>();
   expertSet(first: number, experts: Array<{ w1: Weight; w2: Weight; w3: Weight }>): ExpertSet {
-    return new AscendExperts(this.n.expertSet(experts.map((e) => [this.w(e.w1).h, this.w(e.w2).h, this.w(e.w3).h])), first, experts.length);
+    const e0 = experts[0];
+    if (!e0) throw new RangeError("expertSet: no experts");
+    const [I, D] = this.w(e0.w1).shape;
+    experts.forEach((e, i) => {
+      const ok = (w: Weight, r: number, c: number) => this.w(w).shape[0] === r && this.w(w).shape[1] === c;
+      if (!ok(e.w1, I, D) || !ok(e.w3, I, D) || !ok(e.w2, D, I))
+        throw new RangeError(`expertSet: expert ${first + i} has w1 [${e.w1.shape}], w2 [${e.w2.shape}], w3 [${e.w3.shape}]; expected [${I}, ${D}], [${D}, ${I}], [${I}, ${D}]`);
+    });
+    const id = this.n.expertSet(experts.map((e) => [this.w(e.w1).h, this.w(e.w2).h, this.w(e.w3).h]));
+    this.expertWidth.set(id, D);
+    return new AscendExperts(id, first, experts.length);
   }
   upload(data: Float32Array, shape: readonly number[]): Tensor {
     const n = shape.reduce((a, b) => a * b, 1);
@@ -226,6 +268,10 @@ export class AscendContext implements BackendContext {
     return new AscendCache(this.n.cache(layers, numBlocks, blockSize, width, dtype === "bf16"), layers, numBlocks, blockSize, width, dtype);
   }
   readCache(cache: LatentCache, layer: number, slot: number, count: number): Float32Array {
+    const c = cache as AscendCache;
+    if (!(Number.isInteger(layer) && layer >= 0 && layer < c.layers)) throw new RangeError(`readCache: layer ${layer} outside the cache's ${c.layers}`);
+    if (!(Number.isInteger(slot) && Number.isInteger(count) && slot >= 0 && count >= 0 && slot + count <= c.numBlocks * c.blockSize))
+      throw new RangeError(`readCache: slots [${slot}, ${slot + count}) outside the cache's ${c.numBlocks * c.blockSize}`);
     return this.n.readCache((cache as AscendCache).id, layer, slot, count);
   }
   beginStep(): void {
@@ -239,6 +285,8 @@ export class AscendContext implements BackendContext {
   }
   rmsNorm(x: Tensor, wt: Weight, eps: number): Tensor {
     const a = this.t(x, "rmsNorm");
+    const w = this.w(wt);
+    if (w.shape[0] * w.shape[1] !== a.h.c) throw new RangeError(`rmsNorm: weight [${w.shape}] for rows of width ${a.h.c}`);
     return this.out(this.n.rmsNorm(a.h, this.w(wt).h, eps), a.shape);
   }
   linear(x: Tensor, wt: Weight): Tensor {
@@ -291,6 +339,9 @@ export class AscendContext implements BackendContext {
     const T = a.h.r;
     if (b.h.r !== T || c.h.r !== T || b.h.c !== d.kvLora || c.h.c !== d.rope || a.h.c !== d.heads * (d.nope + d.rope))
       throw new RangeError("mla: q/kv/pe shapes disagree with the dims");
+    const wb = this.w(wkvB);
+    if (wb.shape[0] !== d.heads * (d.nope + d.v) || wb.shape[1] !== d.kvLora)
+      throw new RangeError(`mla: wkv_b [${wb.shape}] is not [heads*(nope+v), kvLora] = [${d.heads * (d.nope + d.v)}, ${d.kvLora}]`);
     if (d.kvLora + d.rope !== cc.width) throw new RangeError(`mla: kvLora ${d.kvLora} + rope ${d.rope} != cache width ${cc.width}`);
     if (!(layer >= 0 && layer < cc.layers)) throw new RangeError(`mla: layer ${layer} outside the cache's ${cc.layers}`);
     if (m.positions.length < T || m.seqIdx.length < T) throw new RangeError("mla: meta shorter than the step");
@@ -311,6 +362,9 @@ export class AscendContext implements BackendContext {
   moeGate(x: Tensor, gate: Weight, bias: Float32Array | null, c: GateConfig): Tensor {
     const a = this.t(x, "moeGate");
     const g = this.w(gate);
+    if (g.shape[1] !== a.h.c) throw new RangeError(`moeGate: gate weight [${g.shape}] for inputs of width ${a.h.c}`);
+    if (!(Number.isInteger(c.topk) && c.topk >= 1 && c.topk <= g.shape[0])) throw new RangeError(`moeGate: top-${c.topk} of ${g.shape[0]} experts`);
+    if (!(Number.isInteger(c.topkGroups) && c.topkGroups >= 1 && c.topkGroups <= c.nGroups)) throw new RangeError(`moeGate: ${c.topkGroups} of ${c.nGroups} groups`);
     if (g.shape[0] % c.nGroups !== 0) throw new RangeError(`moeGate: ${g.shape[0]} experts in ${c.nGroups} groups`);
     if (bias && bias.length !== g.shape[0]) throw new RangeError(`moeGate: bias of ${bias.length} for ${g.shape[0]} experts`);
     const y = this.n.moeGate(a.h, g.h, bias, c.topk, c.nGroups, c.topkGroups, c.scoreFunc === "sigmoid", c.normTopk, c.routeScale);
@@ -320,6 +374,7 @@ export class AscendContext implements BackendContext {
     const a = this.t(x, "moeExperts");
     const r = this.t(routing, "moeExperts routing");
     const e = experts as AscendExperts;
+    if (a.h.c !== this.expertWidth.get(e.id)) throw new RangeError(`moeExperts: input width ${a.h.c} != the experts' width ${this.expertWidth.get(e.id)}`);
     if (r.h.r !== a.h.r || r.h.c !== 2 * topk) throw new RangeError(`moeExperts: routing [${r.shape}] for ${a.h.r} tokens x top-${topk}`);
     return this.out(this.n.moeExperts(a.h, e.id, e.first, r.h, topk), a.shape);
   }

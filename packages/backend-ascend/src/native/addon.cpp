@@ -35,7 +35,7 @@ struct Api {
 
 struct Probe {
   bool done = false, ok = false;
-  std::string reason, libDir, version, tried;
+  std::string reason, libDir, version, versionText, tried;
   std::vector<std::string> devices;
   std::vector<double> memTotal, memFree;
   std::vector<std::string> names;
@@ -43,6 +43,7 @@ struct Probe {
 
 Api g_api;
 Probe g_probe;
+const char* (*g_standinStats)() = nullptr;
 std::mutex g_mu;
 
 std::string aclMsg() {
@@ -55,21 +56,47 @@ bool fileExists(const std::string& p) {
   return f.good();
 }
 
-std::string readVersion(const std::string& libDir) {
-  // the toolkit's ascend_toolkit_install.info / version.info next to or above lib64 ("version=8.1.RC1")
-  const char* names[] = {"/../ascend_toolkit_install.info", "/../../ascend_toolkit_install.info", "/../version.info",
-                         "/../../version.info", "/version.info"};
-  for (const char* n : names) {
-    std::ifstream f(libDir + n);
-    std::string line;
-    while (f && std::getline(f, line)) {
-      auto eq = line.find('=');
-      if (eq == std::string::npos) continue;
-      std::string k = line.substr(0, eq);
-      for (auto& ch : k) ch = char(std::tolower(ch));
-      if (k == "version") return line.substr(eq + 1);
+// The toolkit's version, as its installer records it (key=value lines): `<arch>-linux/ascend_toolkit_install.info`
+// ("version=8.1.RC1"; lib64 is `latest/lib64` -> `<version>/<arch>-linux/lib64`, so the file sits in lib64's real
+// parent and in `latest/<arch>-linux/`), else the components' `version.info` ("Version=..."). Empty when none is
+// there; `where` says where it looked.
+std::string parentOf(const std::string& d) {
+  std::string s = d;
+  while (s.size() > 1 && s.back() == '/') s.pop_back();
+  auto k = s.rfind('/');
+  return k == std::string::npos ? std::string(".") : k == 0 ? std::string("/") : s.substr(0, k);
+}
+std::string readVersion(const std::string& libDir, std::string* where) {
+  std::vector<std::string> parents{parentOf(libDir)};
+  if (char* rp = realpath(libDir.c_str(), nullptr)) {
+    std::string r = parentOf(rp);
+    free(rp);
+    if (r != parents[0]) parents.push_back(r);
+  }
+#if defined(__aarch64__)
+  const char* arch = "aarch64-linux";
+#else
+  const char* arch = "x86_64-linux";
+#endif
+  for (auto& p : parents) {
+    const std::string files[] = {p + "/ascend_toolkit_install.info", p + "/" + arch + "/ascend_toolkit_install.info",
+                                 p + "/version.info", p + "/runtime/version.info", p + "/compiler/version.info"};
+    for (auto& f : files) {
+      std::ifstream in(f);
+      std::string line;
+      while (in && std::getline(in, line)) {
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        auto eq = line.find('=');
+        if (eq == std::string::npos) continue;
+        std::string k = line.substr(0, eq);
+        for (auto& ch : k) ch = char(std::tolower(ch));
+        std::string v = line.substr(eq + 1);
+        if (k == "version" && !v.empty()) return v;
+      }
     }
   }
+  *where = parents[0];
+  for (size_t i = 1; i < parents.size(); i++) *where += " or " + parents[i];
   return "";
 }
 
@@ -129,10 +156,14 @@ void doProbe() {
   }
   DS3_CANN_FUNCS(DS3_LOAD)
 #undef DS3_LOAD
+  // tests only: the CPU stand-in of CANN (standin/) exports its live-object counters; real CANN does not
+  g_standinStats = reinterpret_cast<const char* (*)()>(dlsym(libs[0], "ds3StandinStats"));
   g_api.hccl = hcclOk;
   g_api.gating = gatingOk;
   g_api.fia = fiaOk;
-  P.version = readVersion(dir);
+  std::string where;
+  P.version = readVersion(dir, &where);
+  P.versionText = P.version.empty() ? "CANN version unknown (no ascend_toolkit_install.info or version.info at " + where + ")" : "CANN " + P.version;
   if (!missing.empty()) {
     std::string m;
     for (size_t i = 0; i < missing.size() && i < 8; i++) m += (m.empty() ? "" : ", ") + missing[i];
@@ -152,7 +183,7 @@ void doProbe() {
     return;
   }
   if (n == 0) {
-    P.reason = "no NPU: aclrtGetDeviceCount = 0 (CANN " + (P.version.empty() ? std::string("?") : P.version) + " at " + dir + ")";
+    P.reason = "no NPU: aclrtGetDeviceCount = 0 (" + P.versionText + ", libraries at " + dir + ")";
     return;
   }
   const char* soc = g_api.aclrtGetSocName();
@@ -163,9 +194,8 @@ void doProbe() {
       g_api.aclrtGetMemInfo(ACL_HBM_MEM, &fr, &tot);
       g_api.aclrtResetDevice(int32_t(i));
     }
-    char buf[256];
-    snprintf(buf, sizeof buf, "npu:%u %s (%.1f GiB, CANN %s)", i, name.c_str(), double(tot) / (1 << 30),
-             P.version.empty() ? "?" : P.version.c_str());
+    char buf[1024];
+    snprintf(buf, sizeof buf, "npu:%u %s (%.1f GiB, %s)", i, name.c_str(), double(tot) / (1 << 30), P.versionText.c_str());
     P.devices.push_back(buf);
     P.names.push_back(name);
     P.memTotal.push_back(double(tot));
@@ -257,9 +287,13 @@ struct Descs {
   std::vector<const aclScalar*> s;
   std::vector<const aclIntArray*> a;
   std::vector<const aclTensorList*> l;
+  std::vector<const aclTensor*> listed;  // tensors an aclTensorList owns: aclDestroyTensorList destroys them
   ~Descs() {
+    // the documented ownership: "the aclTensor in the aclTensorList does not need to be destroyed again"
+    // (destroying a listed tensor too would be a double free on CANN)
     for (auto x : l) g_api.aclDestroyTensorList(x);
-    for (auto x : t) g_api.aclDestroyTensor(x);
+    for (auto x : t)
+      if (std::find(listed.begin(), listed.end(), x) == listed.end()) g_api.aclDestroyTensor(x);
     for (auto x : s) g_api.aclDestroyScalar(x);
     for (auto x : a) g_api.aclDestroyIntArray(x);
   }
@@ -286,6 +320,7 @@ struct Descs {
     aclTensorList* x = g_api.aclCreateTensorList(v.data(), v.size());
     if (!x) throw std::runtime_error("aclCreateTensorList failed: " + aclMsg());
     l.push_back(x);
+    listed.insert(listed.end(), v.begin(), v.end());
     return x;
   }
 };
@@ -369,6 +404,12 @@ class Ctx : public Napi::ObjectWrap<Ctx> {
     persistent_.push_back(v.base);
     return v;
   }
+  // Host -> device uploads are the synchronous aclrtMemcpy into memory no queued task uses: a fresh arena
+  // block (the arena is reset only at beginStep(), after a stream synchronize) or a new persistent buffer.
+  // A synchronous copy does not wait for the stream on CANN, so every synchronous copy of memory a queued task
+  // may use (downloads, the expert restacking, frees, workspace growth) synchronizes the stream first.
+  // aclrtMemcpyAsync is not used for uploads: it reads the host buffer when the task runs (the std::vector
+  // here is gone by then) and wants page-locked host memory (aclrtMallocHost) to be truly asynchronous.
   void h2d(void* dst, const void* src, size_t bytes) {
     if (bytes) chk(g_api.aclrtMemcpy(dst, bytes, src, bytes, ACL_MEMCPY_HOST_TO_DEVICE), "aclrtMemcpy H2D");
   }
@@ -734,6 +775,7 @@ Napi::Value Ctx::ExpertSet(const Napi::CallbackInfo& info) {
   int64_t I = a0.dims[0], D = a0.dims[1];
   Experts ex{persistentTV({E, I, D}, act_), persistentTV({E, D, I}, act_), persistentTV({E, I, D}, act_), E, I, D};
   size_t es = dtSize(act_), n = size_t(I * D) * es;
+  sync();  // the single weights may have been read by queued operators: the D2D copies below are synchronous
   for (uint32_t e = 0; e < E; e++) {
     auto tr = list.Get(e).As<Napi::Array>();
     TV w[3] = {tvOf(tr.Get(0u)), tvOf(tr.Get(1u)), tvOf(tr.Get(2u))};
@@ -830,7 +872,7 @@ Napi::Value Ctx::BeginStep(const Napi::CallbackInfo& info) {
 }
 
 // embed(table, ids Int32Array, vocabStart): rows outside this rank's slice of the vocabulary are zero
-// (aclnnEmbedding of the clamped local ids, times a 0/1 mask built on the host)
+// (aclnnEmbedding of the clamped local ids, then aclnnInplaceIndexCopy of zero rows at the outside ids)
 Napi::Value Ctx::Embed(const Napi::CallbackInfo& info) {
   GUARD_BEGIN
   TV w = tvOf(info[0]);
@@ -855,7 +897,14 @@ Napi::Value Ctx::Embed(const Napi::CallbackInfo& info) {
     auto o = d(out);
     OP(aclnnEmbedding, a, i, o);
   }
-  if (!all) out = mul(out, uploadF(mask.data(), {T, 1}, act_), {T, D});
+  if (!all) {  // rows of ids outside the slice: exact zeros written over them (not a 0/1 mask: 0 * NaN and -0)
+    std::vector<int64_t> bad;
+    for (int64_t i = 0; i < T; i++)
+      if (mask[size_t(i)] == 0.0f) bad.push_back(i);
+    TV z = fresh({int64_t(bad.size()), D}, act_);
+    zero(z);
+    indexCopy(out, uploadI64(bad, {int64_t(bad.size())}), z);
+  }
   return jsOf(info.Env(), out);
   GUARD_END
 }
@@ -1336,6 +1385,7 @@ Napi::Value ProbeJs(const Napi::CallbackInfo& info) {
   o.Set("reason", Napi::String::New(env, P.reason));
   o.Set("libDir", Napi::String::New(env, P.libDir));
   o.Set("version", Napi::String::New(env, P.version));
+  o.Set("versionText", Napi::String::New(env, P.versionText));
   o.Set("hccl", Napi::Boolean::New(env, g_api.hccl));
   Napi::Array d = Napi::Array::New(env, P.devices.size());
   for (size_t i = 0; i < P.devices.size(); i++) {
@@ -1350,11 +1400,18 @@ Napi::Value ProbeJs(const Napi::CallbackInfo& info) {
   return o;
 }
 
+Napi::Value StandinStatsJs(const Napi::CallbackInfo& info) {
+  probe();
+  const char* s = g_standinStats ? g_standinStats() : nullptr;
+  return s ? Napi::String::New(info.Env(), s) : info.Env().Null();
+}
+
 }  // namespace
 
 Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
   exports.Set("Context", Ctx::Init(env));
   exports.Set("probe", Napi::Function::New(env, ProbeJs));
+  exports.Set("standinStats", Napi::Function::New(env, StandinStatsJs));
   return exports;
 }
 NODE_API_MODULE(ds3_ascend, InitAll)

@@ -5,7 +5,9 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
+#include <map>
 #include <unordered_set>
 
 #include "common.h"
@@ -38,8 +40,18 @@ std::string fmt(const char* f, ...) {
   va_end(ap);
   return buf;
 }
+// every error returned, by code, and the refused destroys/frees (a double free or a foreign handle on CANN),
+// for ds3StandinStats: a caller that ignores a destroy's return code is still caught by a test
+std::mutex gFailMu;
+std::map<int, uint64_t> gFailCodes;
+uint64_t gRefusedDestroys = 0;
 int fail(int code, const std::string& msg) {
   setErr(fmt("%s (error %d)", msg.c_str(), code));
+  static const char* destroys[] = {"aclDestroy", "aclrtFree", "aclrtDestroyStream", "HcclCommDestroy"};
+  std::lock_guard<std::mutex> g(gFailMu);
+  gFailCodes[code]++;
+  for (const char* d : destroys)
+    if (msg.compare(0, std::strlen(d), d) == 0) gRefusedDestroys++;
   return code;
 }
 
@@ -603,16 +615,23 @@ int launch(const char* op, void* workspace, uint64_t workspaceSize, void* execut
 
 std::atomic<int> gCommsLive{0};  // maintained by libhccl
 std::string statsJson() {
+  std::string codes;
+  uint64_t refused;
+  {
+    std::lock_guard<std::mutex> f(gFailMu);
+    refused = gRefusedDestroys;
+    for (auto& kv : gFailCodes) codes += fmt("%s\"%d\":%llu", codes.empty() ? "" : ",", kv.first, (unsigned long long)kv.second);
+  }
   std::lock_guard<std::mutex> g(gMemMu);
   uint64_t bytes = 0; size_t dev = 0, host = 0;
   for (auto& kv : gLive) { if (kv.second.host) host++; else { dev++; bytes += kv.second.size; } }
   return fmt("{\"initCalls\":%d,\"finalizeCalls\":%d,\"initialized\":%s,\"deviceAllocs\":%zu,\"deviceBytes\":%llu,\"hostAllocs\":%zu,"
              "\"tensors\":%zu,\"tensorLists\":%zu,\"intArrays\":%zu,\"scalars\":%zu,\"executorsPending\":%zu,\"streams\":%zu,"
-             "\"launched\":%llu,\"tasksRun\":%llu,\"comms\":%d,\"eager\":%s}",
+             "\"launched\":%llu,\"tasksRun\":%llu,\"comms\":%d,\"eager\":%s,\"refusedDestroys\":%llu,\"errors\":{%s}}",
              gInitCalls.load(), gFinalizeCalls.load(), initialized() ? "true" : "false", dev, (unsigned long long)bytes, host,
              tensors().count(), tensorLists().count(), intArrays().count(), scalars().count(), executors().count(), streams().count(),
              (unsigned long long)gLaunched.load(), (unsigned long long)gTasksRun.load(), gCommsLive.load(),
-             config().eager ? "true" : "false");
+             config().eager ? "true" : "false", (unsigned long long)refused, codes.c_str());
 }
 
 }  // namespace si
