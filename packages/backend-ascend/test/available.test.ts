@@ -1,7 +1,7 @@
 // The "not available" paths of @ds3/backend-ascend, each in a fresh process (the probe runs once per
 // process): no CANN at all, a CANN whose libopapi lacks a required operator, and the stand-in.
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -9,6 +9,7 @@ import { afterAll, describe, expect, it } from "vitest";
 
 const pkg = join(dirname(fileURLToPath(import.meta.url)), "..");
 const standin = join(pkg, "standin/build");
+const toolkit = join(standin, "ascend-toolkit/latest"); // the layout standin/build.sh writes around the libraries
 
 /** ascend.available() and ds3 devices() in a child process with this environment */
 function availableWith(env: Record<string, string | undefined>): { ok: boolean; reason?: string; devices?: string[]; infos: unknown[] } {
@@ -48,12 +49,31 @@ describe("ascend available()", () => {
     expect(r.ok).toBe(false);
     expect(r.reason).toContain("no NPU: aclrtGetDeviceCount = 0");
   });
-  it("the stand-in: NPUs listed with the SoC name, memory and the CANN version", () => {
-    const r = availableWith({ DS3_ASCEND_LIB_DIR: standin });
+  it("the stand-in found as CANN is installed (ASCEND_TOOLKIT_HOME=<toolkit>/latest): NPUs listed with the SoC name, memory and the CANN version of <arch>-linux/ascend_toolkit_install.info", () => {
+    const r = availableWith({ ASCEND_TOOLKIT_HOME: toolkit });
     expect(r.reason).toBeUndefined();
     expect(r.ok).toBe(true);
-    expect(r.devices!.length).toBeGreaterThanOrEqual(1);
-    expect(r.devices![0]).toMatch(/^npu:0 \S+ \([\d.]+ GiB, CANN /);
-    expect((r.infos as Array<{ index: number; memoryTotal: number }>)[0]!.index).toBe(0);
+    expect(r.devices).toHaveLength(2);
+    expect(r.devices![0]).toMatch(/^npu:0 Ascend910B3-standin \([\d.]+ GiB, CANN 8\.2\.RC1\.standin\)$/);
+    expect(r.devices![1]).toMatch(/^npu:1 Ascend910B3-standin \([\d.]+ GiB, CANN 8\.2\.RC1\.standin\)$/);
+    expect((r.infos as Array<{ index: number; memoryTotal: number }>).map((d) => d.index)).toEqual([0, 1]);
+    expect((r.infos as Array<{ index: number; memoryTotal: number }>)[0]!.memoryTotal).toBeGreaterThan(0);
+  });
+  it("libraries without the toolkit's version files around them: the CANN version is unknown, and where it looked is named", () => {
+    const r = availableWith({ DS3_ASCEND_LIB_DIR: standin });
+    expect(r.ok).toBe(true);
+    expect(r.devices![0]).toBe(`npu:0 Ascend910B3-standin (64.0 GiB, CANN version unknown (no ascend_toolkit_install.info or version.info at ${dirname(standin)}))`);
+  });
+  it("a version.info (Version=...) next to lib64 is read when there is no ascend_toolkit_install.info", () => {
+    const tk = mkdtempSync(join(tmpdir(), "ds3-ascend-tk-"));
+    try {
+      symlinkSync(standin, join(tk, "lib64"));
+      mkdirSync(join(tk, "runtime"));
+      writeFileSync(join(tk, "runtime", "version.info"), "Version=7.0.0\r\nversion_dir=7.0.0\r\n");
+      const r = availableWith({ ASCEND_TOOLKIT_HOME: tk });
+      expect(r.devices![0]).toMatch(/, CANN 7\.0\.0\)$/);
+    } finally {
+      rmSync(tk, { recursive: true, force: true });
+    }
   });
 });
