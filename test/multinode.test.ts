@@ -3,12 +3,15 @@
 // CPU ranks meeting in the cross-process collective. Checked against the golden files and a
 // one-node run; a node killed mid-stream must fail the request with the node named and leave
 // no process behind; mismatched nodes must fail at startup on both sides.
+import { createHmac } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { deserialize, serialize } from "node:v8";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { comparableGreedyPrefix, FIXTURES, loadGolden, maxAbsDiff } from "./helpers/golden.js";
-import { alive, ds3, freePort, type Proc, ROOT, start, within } from "./helpers/multinode.js";
+import { alive, ds3, frame, freePort, type Proc, ROOT, rawPeer, start, stderrMatches, unframe, within } from "./helpers/multinode.js";
 
 const TINY = join(FIXTURES, "tiny-v3");
 const BF16 = join(FIXTURES, "tiny-v3-bf16");
@@ -170,6 +173,128 @@ describe.each(["throw", "exit", "hang"])("a rank on node 1 that fails (%s) at a 
     if (kind === "hang") expect(r.ms).toBeGreaterThanOrEqual(3000); // bounded by the step timeout
     expect(n1.stderr()).toContain(`node 0 (${addr}) ended after a failure: ${r.error}`);
     expect(alive(n1.pid)).toBe(false);
+  });
+});
+
+/** A greedy completion through node 0's server: the golden tokens of prompt 1 (both nodes' ranks ran it). */
+async function goldenCompletion(url: string): Promise<void> {
+  const p = golden.prompts[1]!;
+  const k = comparableGreedyPrefix(p);
+  const res = await fetch(`${url}/v1/completions`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ prompt: p.ids, max_tokens: k, temperature: 0, ignore_eos: true, logprobs: 1, return_tokens_as_token_ids: true }),
+  });
+  expect(res.status).toBe(200);
+  const body = (await res.json()) as { choices: Array<{ logprobs: { tokens: string[] } }> };
+  expect(body.choices[0]!.logprobs.tokens).toEqual(p.greedy.slice(0, k).map((id) => `token_id:${id}`));
+}
+
+/** Whether a TCP connection to HOST:PORT is refused (nobody listens there any more). */
+function refused(addr: string): Promise<boolean> {
+  const i = addr.lastIndexOf(":");
+  return new Promise((resolve) => {
+    const s = connect({ host: addr.slice(0, i), port: Number(addr.slice(i + 1)) });
+    s.once("connect", () => (s.destroy(), resolve(false)));
+    s.once("error", (e: NodeJS.ErrnoException) => resolve(e.code === "ECONNREFUSED"));
+  });
+}
+
+const MAGIC = "ds3-node/2";
+const HELLO = { version: "0.1.0", nnodes: 2, nodeRank: 1, worldSize: 2, model: { path: TINY, configHash: "x", indexHash: "y" }, backend: "cpu", precision: { activations: "f32", cache: "f32", actQuant: "none" } };
+
+describe("the init port is a network service", () => {
+  it("drops garbage, an oversized length prefix, a frame that does not deserialize, malformed hellos and a silent connection, each with the reason logged; node 0 keeps waiting, then serves the real node", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const n0 = track(ds3(["serve", ...nodeFlags(2, 0, addr), "--port", "0"], { DS3_DIST_HELLO_TIMEOUT_MS: "1000" }));
+    await stderrMatches(n0, /node 0: waiting for 1 node at/);
+    const nonce = Buffer.alloc(32, 7);
+    const drop = /node 0: dropped the connection from 127\.0\.0\.1:\d+: /.source;
+    const cases: Array<[string, Buffer, string]> = [
+      ["garbage (an HTTP request)", Buffer.from("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), "protocol error: a message of 542393671 bytes, over the limit of 65536"],
+      ["a length prefix of 512 MiB", Buffer.from([0, 0, 0, 0x20]), "protocol error: a message of 536870912 bytes, over the limit of 65536"],
+      ["a frame that does not deserialize", Buffer.from([4, 0, 0, 0, 0xff, 0x0f, 0x5a, 0x5a]), "protocol error: a message that does not deserialize \\(Unable to deserialize cloned data"],
+      ["a frame that is not a node message", frame(42), "protocol error: not a ds3 node message"],
+      ["a hello of another protocol", frame({ t: "hello", magic: "ds3-node/1", ...HELLO }), 'a hello of protocol "ds3-node/1", not ds3-node/2'],
+      ["a hello whose body is not bytes", frame({ t: "hello", magic: MAGIC, body: "hello", nonce }), "a malformed hello \\(no body or no 32-byte nonce\\)"],
+      ["a hello with a number for the version", frame({ t: "hello", magic: MAGIC, body: serialize({ ...HELLO, version: 1 }), nonce }), "a malformed hello: version is not a string \\(number\\)"],
+      ["a hello with a string for the node rank", frame({ t: "hello", magic: MAGIC, body: serialize({ ...HELLO, nodeRank: "1" }), nonce }), "a malformed hello: nodeRank is not an integer \\(string\\)"],
+      ["a hello without a model", frame({ t: "hello", magic: MAGIC, body: serialize({ ...HELLO, model: null }), nonce }), "a malformed hello: model is not an object"],
+      ["a connection that sends nothing", Buffer.alloc(0), "no hello within 1 s"],
+    ];
+    for (const [what, bytes, reason] of cases) {
+      const r = await rawPeer(addr, bytes);
+      await stderrMatches(n0, new RegExp(drop + reason), 10_000, what);
+      if (bytes.length === 0) expect(r.closedAfterMs, what).toBeGreaterThanOrEqual(900); // the hello deadline, not at once
+      expect(alive(n0.pid), what).toBe(true);
+    }
+    // a ds3 node with a shared secret, node 0 without: refused, naming it on both sides
+    const withToken = track(ds3(["serve", ...nodeFlags(2, 1, addr), "--dist-token", "abc"]));
+    expect(await within(withToken.exited, 20_000, "the node with a token")).toBe(1);
+    expect(withToken.stderr()).toContain(`node 0 (${addr}) refused this node: this node has a --dist-token / DS3_DIST_TOKEN and node 0 has none`);
+    await stderrMatches(n0, new RegExp(drop + "it has a shared secret \\(--dist-token / DS3_DIST_TOKEN\\) and node 0 has none"));
+    // the real node 1 still joins, and the group serves
+    const n1 = track(ds3(["serve", ...nodeFlags(2, 1, addr)]));
+    const url = (await n0.waitFor(/http:\/\/\S+\n/)).trim();
+    await goldenCompletion(url);
+    expect(await refused(addr)).toBe(true); // the group is complete: the init port no longer listens
+    n0.child.kill("SIGTERM");
+    expect(await within(Promise.all([n0.exited, n1.exited]), 20_000, "both nodes")).toEqual([0, 0]);
+  });
+
+  it("with a shared secret (DS3_DIST_TOKEN / --dist-token): a wrong or a missing token is refused with a clear error on both sides, the right one joins", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    const token = "s3cret-token-of-the-group";
+    const n0 = track(ds3(["serve", ...nodeFlags(2, 0, addr), "--port", "0"], { DS3_DIST_TOKEN: token }));
+    await stderrMatches(n0, /node 0: waiting for 1 node at \S+ \(with a shared secret\)/);
+    const drop = /node 0: dropped the connection from 127\.0\.0\.1:\d+: /.source;
+    const wrong = track(ds3(["serve", ...nodeFlags(2, 1, addr), "--dist-token", "not-the-token"]));
+    expect(await within(wrong.exited, 20_000, "wrong token")).toBe(1);
+    expect(wrong.stderr()).toContain(`node 0 (${addr}) refused this node: a wrong shared secret: this node's --dist-token / DS3_DIST_TOKEN is not node 0's`);
+    await stderrMatches(n0, new RegExp(drop + "a wrong shared secret \\(--dist-token / DS3_DIST_TOKEN\\)"));
+    const none = track(ds3(["serve", ...nodeFlags(2, 1, addr)]));
+    expect(await within(none.exited, 20_000, "no token")).toBe(1);
+    expect(none.stderr()).toContain(`node 0 (${addr}) refused this node: node 0 requires a shared secret: give this node the same --dist-token / DS3_DIST_TOKEN as node 0`);
+    await stderrMatches(n0, new RegExp(drop + "no proof of the shared secret: node 0 requires --dist-token / DS3_DIST_TOKEN"));
+    expect(alive(n0.pid)).toBe(true);
+    const n1 = track(ds3(["serve", ...nodeFlags(2, 1, addr), "--dist-token", token]));
+    const url = (await n0.waitFor(/http:\/\/\S+\n/)).trim();
+    await goldenCompletion(url);
+    for (const p of [n0, n1, wrong, none]) expect(p.stderr() + p.stdout()).not.toContain(token);
+    n0.child.kill("SIGTERM");
+    expect(await within(Promise.all([n0.exited, n1.exited]), 20_000, "both nodes")).toEqual([0, 0]);
+  });
+
+  it("the token never travels: node 1's hello carries HMAC-SHA256(token, ds3-hello || nonce0 || nonce1 || hello); a node 0 that cannot prove the token is refused", async () => {
+    const token = "another-s3cret";
+    const nonce0 = Buffer.from(Array.from({ length: 32 }, (_, i) => i));
+    let received = Buffer.alloc(0);
+    const server = createServer((sock) => {
+      sock.write(frame({ t: "challenge", magic: MAGIC, nonce: nonce0, auth: true }));
+      sock.on("data", (d) => {
+        received = Buffer.concat([received, d]);
+        // the hello is in: answer with a welcome whose MAC is not HMAC(token, ...)
+        if (unframe(received).length === 1) sock.write(frame({ t: "welcome", heartbeatMs: 2000, mac: Buffer.alloc(32) }));
+      });
+      sock.on("error", () => {});
+    });
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    try {
+      const addr = `127.0.0.1:${(server.address() as { port: number }).port}`;
+      const n1 = track(ds3(["generate", ...nodeFlags(2, 1, addr)], { DS3_DIST_TOKEN: token }));
+      expect(await within(n1.exited, 20_000, "node 1")).toBe(1);
+      expect(n1.stderr()).toContain(`node 0 (${addr}) did not prove the shared secret (--dist-token / DS3_DIST_TOKEN)`);
+      const [body] = unframe(received);
+      const hello = deserialize(body!) as { t: string; magic: string; body: Uint8Array; nonce: Uint8Array; mac: Uint8Array };
+      expect([hello.t, hello.magic, hello.nonce.length]).toEqual(["hello", MAGIC, 32]);
+      const mac = createHmac("sha256", token).update("ds3-hello").update(nonce0).update(hello.nonce).update(hello.body).digest();
+      expect(Buffer.from(hello.mac).equals(mac)).toBe(true);
+      expect(deserialize(hello.body)).toMatchObject({ nnodes: 2, nodeRank: 1, worldSize: 2, backend: "cpu" });
+      const raw = Buffer.from(token);
+      for (const needle of [raw, Buffer.from(token, "utf16le"), Buffer.from(raw.toString("hex")), Buffer.from(raw.toString("base64"))]) expect(received.includes(needle)).toBe(false);
+    } finally {
+      server.close();
+    }
   });
 });
 

@@ -2,7 +2,8 @@
 // 127.0.0.1, a process with its output collected and its exit awaited, and a check that a
 // process is gone.
 import { type ChildProcess, spawn } from "node:child_process";
-import { createServer } from "node:net";
+import { connect, createServer } from "node:net";
+import { serialize } from "node:v8";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -70,7 +71,53 @@ export function start(args: string[], env: NodeJS.ProcessEnv = {}): Proc {
 }
 
 /** The CLI: `ds3 args...` */
-export const ds3 = (args: string[]) => start([BIN, ...args]);
+export const ds3 = (args: string[], env: NodeJS.ProcessEnv = {}) => start([BIN, ...args], env);
+
+/** One message as the nodes frame them on the init connection: a 4-byte little-endian length, then v8-serialized bytes. */
+export function frame(msg: unknown): Buffer {
+  const body = serialize(msg);
+  const h = Buffer.alloc(4);
+  h.writeUInt32LE(body.length);
+  return Buffer.concat([h, body]);
+}
+
+/** Split received bytes into the frames' v8-serialized bodies. */
+export function unframe(b: Buffer): Buffer[] {
+  const out: Buffer[] = [];
+  for (let o = 0; o + 4 <= b.length; ) {
+    const n = b.readUInt32LE(o);
+    if (o + 4 + n > b.length) break;
+    out.push(b.subarray(o + 4, o + 4 + n));
+    o += 4 + n;
+  }
+  return out;
+}
+
+/**
+ * A raw TCP client at HOST:PORT: sends `bytes` (nothing if empty) and resolves when the other
+ * side closes the connection, with what it sent and after how long (rejects after `ms`).
+ */
+export function rawPeer(addr: string, bytes: Buffer, ms = 15_000): Promise<{ received: Buffer; closedAfterMs: number }> {
+  const i = addr.lastIndexOf(":");
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const s = connect({ host: addr.slice(0, i), port: Number(addr.slice(i + 1)) });
+    const got: Buffer[] = [];
+    const t = setTimeout(() => {
+      s.destroy();
+      reject(new Error(`${addr} did not close the connection within ${ms} ms`));
+    }, ms);
+    s.on("connect", () => {
+      if (bytes.length) s.write(bytes);
+    });
+    s.on("data", (d) => got.push(d));
+    s.on("error", () => {}); // a reset by the peer counts as closing
+    s.on("close", () => {
+      clearTimeout(t);
+      resolve({ received: Buffer.concat(got), closedAfterMs: performance.now() - t0 });
+    });
+  });
+}
 
 /** Whether a process id is still there (signal 0 probes without sending anything). */
 export function alive(pid: number): boolean {
@@ -79,6 +126,15 @@ export function alive(pid: number): boolean {
     return true;
   } catch {
     return false;
+  }
+}
+
+/** Wait until a process's stderr matches `re` (at most `ms`, then reject with what it printed). */
+export async function stderrMatches(p: Proc, re: RegExp, ms = 30_000, what = String(re)): Promise<void> {
+  const t0 = Date.now();
+  while (!re.test(p.stderr())) {
+    if (Date.now() - t0 > ms) throw new Error(`${what}: no ${re} on stderr within ${ms} ms; stderr:\n${p.stderr()}`);
+    await new Promise((r) => setTimeout(r, 25));
   }
 }
 

@@ -30,6 +30,7 @@ export interface ModelArgs extends GlobalArgs {
   nodeRank?: number;
   distInitAddr?: string;
   distTimeout?: number;
+  distToken?: string;
 }
 
 /** yargs coercion for integer flags, with a one-line error naming the flag. */
@@ -89,6 +90,12 @@ export const nodeOptions: Record<string, Options> = {
   },
   "dist-init-addr": { type: "string", describe: "HOST:PORT where node 0 listens for the other nodes (the same on every node)", requiresArg: true },
   "dist-timeout": { describe: "seconds node 0 waits for the others and they retry reaching it (default 300)", coerce: intFlag("dist-timeout", 1), requiresArg: true },
+  "dist-token": {
+    type: "string",
+    describe:
+      "shared secret of the node group, the same on every node (default: $DS3_DIST_TOKEN; prefer the variable: a flag shows in ps). Nodes prove it in the handshake (HMAC-SHA256 challenge-response); it never travels. Without it the init port admits any peer that can reach it: use a trusted network. Not encryption: steps travel in clear",
+    requiresArg: true,
+  },
 };
 
 /** Whether these arguments make this process a node other than node 0 (it runs only its ranks). */
@@ -97,10 +104,15 @@ export function isWorkerNode(a: ModelArgs): boolean {
 }
 
 /** The load options of the node flags. */
-function nodeLoadOptions(a: ModelArgs): { nnodes?: number; nodeRank?: number; distInitAddr?: string; distTimeoutMs?: number } {
+function nodeLoadOptions(a: ModelArgs): { nnodes?: number; nodeRank?: number; distInitAddr?: string; distTimeoutMs?: number; distToken?: string } {
   if (a.nodeRank !== undefined && a.nnodes === undefined) throw new UsageError("--node-rank goes with --nnodes N");
   if (a.distInitAddr !== undefined && a.nnodes === undefined) throw new UsageError("--dist-init-addr goes with --nnodes N");
+  if (a.distToken !== undefined && a.nnodes === undefined) throw new UsageError("--dist-token goes with --nnodes N");
+  if (Array.isArray(a.distToken)) throw new UsageError("--dist-token was given more than once");
+  if (a.distToken === "") throw new UsageError("--dist-token is empty");
   if (a.nnodes === undefined) return {};
+  const env = process.env.DS3_DIST_TOKEN;
+  const distToken = a.distToken ?? (env !== undefined && env !== "" ? env : undefined);
   if (a.nnodes > 1 && a.distInitAddr === undefined) throw new UsageError(`--nnodes ${a.nnodes} needs --dist-init-addr HOST:PORT (where node 0 listens; the same on every node)`);
   if ((a.nodeRank ?? 0) >= a.nnodes) throw new UsageError(`--node-rank ${a.nodeRank} is not below --nnodes ${a.nnodes} (node ranks are 0 .. ${a.nnodes - 1})`);
   if (a.tp % a.nnodes !== 0) throw new UsageError(`--tp ${a.tp} is the total over all nodes and must divide by --nnodes ${a.nnodes} (each node runs tp/nnodes ranks)`);
@@ -109,6 +121,7 @@ function nodeLoadOptions(a: ModelArgs): { nnodes?: number; nodeRank?: number; di
     nodeRank: a.nodeRank ?? 0,
     ...(a.distInitAddr !== undefined && { distInitAddr: a.distInitAddr }),
     ...(a.distTimeout !== undefined && { distTimeoutMs: a.distTimeout * 1000 }),
+    ...(distToken !== undefined && { distToken }),
   };
 }
 

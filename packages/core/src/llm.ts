@@ -47,6 +47,17 @@ export interface LoadOptions {
   distInitAddr?: string;
   /** how long node 0 waits for the other nodes, and they retry reaching it (ms, default 300 000) */
   distTimeoutMs?: number;
+  /**
+   * the node group's shared secret (`--dist-token` / DS3_DIST_TOKEN): the same on every node; each
+   * proves it knows it in the handshake (HMAC-SHA256 challenge-response), it never travels
+   */
+  distToken?: string;
+  /**
+   * heartbeat interval between nodes (ms; default $DS3_DIST_HEARTBEAT_MS, else 2000): a node
+   * silent for 15 intervals is lost and the requests in flight fail naming it. Node 0's value
+   * holds for the group.
+   */
+  distHeartbeatMs?: number;
   /** a step that a rank does not answer within this many ms fails (default 300 000) */
   stepTimeoutMs?: number;
   /** cache: block count or byte budget; block size 64; dtype fp32 unless given */
@@ -138,6 +149,8 @@ export class DS3 {
       nodes = await NodeHub.listen({
         addr: o.distInitAddr!,
         timeoutMs,
+        ...(o.distToken !== undefined && { token: o.distToken }),
+        ...(o.distHeartbeatMs !== undefined && { heartbeatMs: o.distHeartbeatMs }),
         onProgress: o.onProgress,
         me: { version: ds3Version(), nnodes, nodeRank: 0, worldSize: tp, model: modelIdentity(dir), backend: o.backend.name, precision: resolvePrecision(backendOptions.precision) },
       });
@@ -303,7 +316,14 @@ function readGenerationConfig(dir: string): SamplingParams {
 }
 
 function nodeOptions(o: LoadOptions): NodeOptions {
-  return { nnodes: o.nnodes ?? 1, nodeRank: o.nodeRank ?? 0, distInitAddr: o.distInitAddr!, ...(o.distTimeoutMs !== undefined && { distTimeoutMs: o.distTimeoutMs }) };
+  return {
+    nnodes: o.nnodes ?? 1,
+    nodeRank: o.nodeRank ?? 0,
+    distInitAddr: o.distInitAddr!,
+    ...(o.distTimeoutMs !== undefined && { distTimeoutMs: o.distTimeoutMs }),
+    ...(o.distToken !== undefined && { distToken: o.distToken }),
+    ...(o.distHeartbeatMs !== undefined && { heartbeatMs: o.distHeartbeatMs }),
+  };
 }
 
 function backendEntry(b: BackendProvider): string {

@@ -23,9 +23,17 @@
 // - aborts (a rank failed: wake every rank blocked in a collective on every node), heartbeats,
 //   and close (node 0 ends: the others exit, non-zero after a failure).
 //
-// The init address must be on a trusted network (as torch.distributed's and NCCL's are): a peer
-// there can send steps to the ranks.
-import { createHash } from "node:crypto";
+// The init port is a network service. Whatever reaches it before a node is admitted — garbage, a
+// length prefix over the bound, a message that does not deserialize, a hello with wrong types, a
+// connection that says nothing within the hello deadline — drops that connection with a logged
+// reason, and node 0 goes on waiting for the real nodes. With a shared secret (`distToken`,
+// `--dist-token` / DS3_DIST_TOKEN) the handshake is an HMAC-SHA256 challenge-response both ways:
+// node 0 sends a nonce, node R answers HMAC(token, "ds3-hello" || nonce0 || nonceR || hello),
+// node 0 answers HMAC(token, "ds3-welcome" || nonceR || nonce0 || hello); the token never travels.
+// Without one, the init address must be on a trusted network (as torch.distributed's and NCCL's
+// are): a peer there can join the group. Either way the connection is not encrypted: steps and
+// collective data travel in clear (as NCCL's socket transport's do).
+import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { availableParallelism } from "node:os";
@@ -59,14 +67,40 @@ export interface NodeOptions {
   distInitAddr: string;
   /** how long node 0 waits for the others and the others retry reaching node 0 (ms, default 300 000) */
   distTimeoutMs?: number;
+  /**
+   * shared secret of the group (`--dist-token` / DS3_DIST_TOKEN): every node proves it knows it in
+   * the handshake (HMAC-SHA256 challenge-response both ways); it never travels. The same on every
+   * node, or on none.
+   */
+  distToken?: string;
+  /**
+   * heartbeat interval (ms; default $DS3_DIST_HEARTBEAT_MS, else 2000): a node that sends nothing
+   * for 15 intervals is lost. Node 0's value holds for the whole group (it tells the others).
+   */
+  heartbeatMs?: number;
+  /** how long node 0 gives a new connection to send its hello (ms; default $DS3_DIST_HELLO_TIMEOUT_MS, else 10 000) */
+  helloTimeoutMs?: number;
 }
 
 export const DEFAULT_DIST_TIMEOUT_MS = 300_000;
-/** a node that sends nothing (not even a heartbeat) for this long is lost */
-const HEARTBEAT_MS = 2_000;
-const PEER_SILENCE_MS = 30_000;
-const MAX_FRAME = 2 ** 31 - 1;
-const MAGIC = "ds3-node/1";
+export const DEFAULT_HEARTBEAT_MS = 2_000;
+/** a node that sends nothing (not even a heartbeat) for this many heartbeat intervals is lost */
+export const HEARTBEAT_MISSES = 15;
+export const DEFAULT_HELLO_TIMEOUT_MS = 10_000;
+/** the largest message before a node is admitted (a hello is well under 1 KiB) */
+const HANDSHAKE_MAX_FRAME = 64 * 1024;
+/** the largest message after (raised where a collective chunk of every other rank needs more) */
+export const MAX_FRAME = 256 * 2 ** 20;
+const MAGIC = "ds3-node/2";
+
+/** A duration in ms from the environment (tests), else the default. */
+function envMs(name: string, dflt: number): number {
+  const v = process.env[name];
+  if (v === undefined || v.trim() === "") return dflt;
+  const n = Number(v);
+  if (!(Number.isFinite(n) && n > 0)) throw new Error(`${name} must be a positive number of milliseconds, got "${v}"`);
+  return n;
+}
 
 /** The ds3 version that nodes compare (the @ds3/core package version). */
 export function ds3Version(): string {
@@ -84,7 +118,7 @@ export function parseInitAddr(s: string): { host: string; port: number } {
 }
 
 /** The checks every node does on its own options, before anything is loaded. */
-export function checkNodeOptions(o: NodeOptions, tp: number): { perNode: number; timeoutMs: number } {
+export function checkNodeOptions(o: NodeOptions, tp: number): { perNode: number; timeoutMs: number; heartbeatMs: number; helloTimeoutMs: number } {
   const { nnodes, nodeRank } = o;
   if (!Number.isInteger(nnodes) || nnodes < 1) throw new Error(`--nnodes must be a positive integer, got ${nnodes}`);
   if (!Number.isInteger(nodeRank) || nodeRank < 0) throw new Error(`--node-rank must be a non-negative integer, got ${nodeRank}`);
@@ -94,7 +128,12 @@ export function checkNodeOptions(o: NodeOptions, tp: number): { perNode: number;
   parseInitAddr(o.distInitAddr);
   const timeoutMs = o.distTimeoutMs ?? DEFAULT_DIST_TIMEOUT_MS;
   if (!(timeoutMs > 0)) throw new Error(`--dist-timeout must be positive, got ${timeoutMs / 1000} s`);
-  return { perNode: tp / nnodes, timeoutMs };
+  if (o.distToken !== undefined && (typeof o.distToken !== "string" || o.distToken === "")) throw new Error("--dist-token (DS3_DIST_TOKEN) must be a non-empty string");
+  const heartbeatMs = o.heartbeatMs ?? envMs("DS3_DIST_HEARTBEAT_MS", DEFAULT_HEARTBEAT_MS);
+  if (!(Number.isFinite(heartbeatMs) && heartbeatMs > 0)) throw new Error(`the heartbeat interval must be a positive number of ms, got ${heartbeatMs}`);
+  const helloTimeoutMs = o.helloTimeoutMs ?? envMs("DS3_DIST_HELLO_TIMEOUT_MS", DEFAULT_HELLO_TIMEOUT_MS);
+  if (!(Number.isFinite(helloTimeoutMs) && helloTimeoutMs > 0)) throw new Error(`the hello deadline must be a positive number of ms, got ${helloTimeoutMs}`);
+  return { perNode: tp / nnodes, timeoutMs, heartbeatMs, helloTimeoutMs };
 }
 
 /** Which checkpoint a node loads: config.json's hash and the hash of its tensor index (names, dtypes, shapes). */
@@ -150,6 +189,42 @@ export function helloMismatch(a: NodeHello, b: NodeHello): string | null {
   return null;
 }
 
+/** What is wrong with a hello's fields (types and sizes), or null: a malformed hello drops only its connection. */
+export function helloProblem(h: unknown): string | null {
+  const isObj = (x: unknown): x is Record<string, unknown> => !!x && typeof x === "object" && !Array.isArray(x);
+  const str = (o: Record<string, unknown>, k: string, where: string) =>
+    typeof o[k] === "string" && (o[k] as string).length <= 4096 ? null : `${where}${k} is ${typeof o[k] === "string" ? "over 4096 characters" : `not a string (${typeof o[k]})`}`;
+  if (!isObj(h)) return "the hello is not an object";
+  for (const k of ["version", "backend"]) {
+    const p = str(h, k, "");
+    if (p) return p;
+  }
+  for (const k of ["nnodes", "nodeRank", "worldSize"]) if (!Number.isSafeInteger(h[k])) return `${k} is not an integer (${typeof h[k]})`;
+  if (!isObj(h.model)) return "model is not an object";
+  for (const k of ["path", "configHash", "indexHash"]) {
+    const p = str(h.model, k, "model.");
+    if (p) return p;
+  }
+  if (!isObj(h.precision)) return "precision is not an object";
+  for (const k of ["activations", "cache", "actQuant"]) {
+    const p = str(h.precision, k, "precision.");
+    if (p) return p;
+  }
+  return null;
+}
+
+/** HMAC-SHA256 of the handshake: the token keys it, `label` tells hello from welcome. */
+function handshakeMac(token: string, label: string, ...parts: Uint8Array[]): Buffer {
+  const h = createHmac("sha256", token).update(label);
+  for (const p of parts) h.update(p);
+  return h.digest();
+}
+
+function macMatches(token: string, got: unknown, label: string, ...parts: Uint8Array[]): boolean {
+  if (!(got instanceof Uint8Array) || got.length !== 32) return false;
+  return timingSafeEqual(Buffer.from(got.buffer, got.byteOffset, got.length), handshakeMac(token, label, ...parts));
+}
+
 function describe(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
@@ -158,8 +233,12 @@ function describe(e: unknown): string {
 // Messages on the init connection
 
 type Msg =
-  | ({ t: "hello"; magic: string } & NodeHello)
-  | { t: "welcome" }
+  /** node 0, first thing on a new connection: its nonce, and whether the group has a shared secret */
+  | { t: "challenge"; magic: string; nonce: Uint8Array; auth: boolean }
+  /** node R's answer: its NodeHello (v8-serialized, so the MAC covers exact bytes), its own nonce, the MAC with a token */
+  | { t: "hello"; magic: string; body: Uint8Array; nonce: Uint8Array; mac?: Uint8Array }
+  /** node R is in: the group's heartbeat interval, and node 0's MAC with a token */
+  | { t: "welcome"; heartbeatMs: number; mac?: Uint8Array }
   | { t: "reject"; message: string }
   | { t: "task"; id: number; rank: number; task: RankTask; chunk?: number }
   | { t: "reply"; id: number; reply?: RankReply; error?: string }
@@ -170,9 +249,14 @@ type Msg =
 
 /** Length-prefixed v8-serialized messages over one socket. */
 class Wire {
-  private pending: Buffer = Buffer.alloc(0);
+  private bufs: Buffer[] = [];
+  private have = 0;
+  /** length of the message being received; -1 while its 4-byte prefix is not in yet */
+  private frame = -1;
   lastHeard = Date.now();
   closed = false;
+  /** the largest message accepted: small until the peer is admitted (see HANDSHAKE_MAX_FRAME) */
+  maxFrame = HANDSHAKE_MAX_FRAME;
   private onMsg: (m: Msg) => void = () => {};
   private onEnd: (why: string) => void = () => {};
 
@@ -212,7 +296,8 @@ class Wire {
     setTimeout(() => this.sock.destroy(), 5_000).unref();
   }
 
-  private end(why: string): void {
+  /** end the connection now, telling the handler why (a protocol error, a lost peer) */
+  end(why: string): void {
     if (this.closed) {
       this.sock.destroy();
       return;
@@ -222,39 +307,85 @@ class Wire {
     this.onEnd(why);
   }
 
+  /** the first n received bytes (n <= have), removed */
+  private take(n: number): Buffer {
+    const b0 = this.bufs[0]!;
+    this.have -= n;
+    if (b0.length >= n) {
+      if (b0.length === n) this.bufs.shift();
+      else this.bufs[0] = b0.subarray(n);
+      return b0.subarray(0, n);
+    }
+    const out = Buffer.allocUnsafe(n);
+    for (let o = 0; o < n; ) {
+      const b = this.bufs[0]!;
+      const k = Math.min(b.length, n - o);
+      b.copy(out, o, 0, k);
+      o += k;
+      if (k === b.length) this.bufs.shift();
+      else this.bufs[0] = b.subarray(k);
+    }
+    return out;
+  }
+
   private feed(d: Buffer): void {
     this.lastHeard = Date.now();
-    this.pending = this.pending.length ? Buffer.concat([this.pending, d]) : d;
-    while (this.pending.length >= 4) {
-      const n = this.pending.readUInt32LE(0);
-      if (n > MAX_FRAME) return this.end(`protocol error: a message of ${n} bytes`);
-      if (this.pending.length < 4 + n) break;
+    if (this.closed) return;
+    this.bufs.push(d);
+    this.have += d.length;
+    for (;;) {
+      if (this.frame < 0) {
+        if (this.have < 4) return;
+        this.frame = this.take(4).readUInt32LE(0);
+        if (this.frame > this.maxFrame) return this.end(`protocol error: a message of ${this.frame} bytes, over the limit of ${this.maxFrame}`);
+      }
+      if (this.have < this.frame) return;
+      const body = this.take(this.frame);
+      this.frame = -1;
       let m: Msg;
       try {
-        m = deserialize(this.pending.subarray(4, 4 + n)) as Msg;
+        m = deserialize(body) as Msg;
       } catch (e) {
-        return this.end(`protocol error: ${describe(e)}`);
+        return this.end(`protocol error: a message that does not deserialize (${describe(e)})`);
       }
-      this.pending = this.pending.subarray(4 + n);
       if (!m || typeof m !== "object" || typeof (m as { t?: unknown }).t !== "string") return this.end("protocol error: not a ds3 node message");
+      if (m.t === "ping") continue;
+      try {
+        this.onMsg(m);
+      } catch (e) {
+        // a message whose fields do not fit what its type needs: this connection ends, not the process
+        return this.end(`protocol error: a malformed "${m.t}" message (${describe(e)})`);
+      }
       if (this.closed) return;
-      if (m.t !== "ping") this.onMsg(m);
     }
   }
 }
 
-/** Send heartbeats and declare the peer lost after PEER_SILENCE_MS without a message. */
-function heartbeat(w: Wire, onSilent: () => void): () => void {
+/**
+ * Send a heartbeat every `everyMs` and declare the peer lost after HEARTBEAT_MISSES intervals
+ * without a message from it. The last check runs after pending input is read (setImmediate runs
+ * after the poll phase): an event loop that was busy for a while does not mistake its own
+ * backlog for a silent peer.
+ */
+function heartbeat(w: Wire, everyMs: number, onSilent: (why: string) => void): () => void {
+  const limit = HEARTBEAT_MISSES * everyMs;
   const t = setInterval(() => {
     if (w.closed) return clearInterval(t);
     w.send({ t: "ping" });
-    if (Date.now() - w.lastHeard > PEER_SILENCE_MS) {
-      clearInterval(t);
-      onSilent();
-    }
-  }, HEARTBEAT_MS);
+    if (Date.now() - w.lastHeard > limit)
+      setImmediate(() => {
+        if (w.closed || Date.now() - w.lastHeard <= limit) return;
+        clearInterval(t);
+        onSilent(`no message for ${limit / 1000} s (heartbeat every ${everyMs} ms): the node stopped answering`);
+      });
+  }, everyMs);
   t.unref();
   return () => clearInterval(t);
+}
+
+/** the largest "coll" message of a collective (every rank's part of one chunk), with room for the rest of the message */
+function collectiveFrame(b: CollectiveBuffers): number {
+  return b.worldSize * b.chunk * 4 + 2 ** 20;
 }
 
 function fmtAddr(host: string, port: number): string {
@@ -271,7 +402,22 @@ interface Peer {
   lost: string | null;
   stopBeat: () => void;
   /** what to do when the node falls silent (changes once the group is complete) */
-  onSilent: () => void;
+  onSilent: (why: string) => void;
+}
+
+/** How node 0 admits the other nodes (NodeHub.listen). */
+export interface ListenOptions {
+  addr: string;
+  me: NodeHello;
+  timeoutMs: number;
+  /** the group's shared secret: a node must prove it knows it (see the top of this file) */
+  token?: string;
+  /** heartbeat interval of the group (ms; default $DS3_DIST_HEARTBEAT_MS, else 2000) */
+  heartbeatMs?: number;
+  /** how long a new connection has to send its hello (ms; default $DS3_DIST_HELLO_TIMEOUT_MS, else 10 000) */
+  helloTimeoutMs?: number;
+  /** progress, and the reason each connection that was not admitted was dropped */
+  onProgress?: (m: string) => void;
 }
 
 /**
@@ -292,6 +438,8 @@ export class NodeHub implements RankNodes {
     readonly worldSize: number,
     readonly addr: string,
     peers: Peer[],
+    /** the group's heartbeat interval (ms) */
+    readonly heartbeatMs: number,
   ) {
     this.perNode = worldSize / nnodes;
     this.peers = peers;
@@ -300,8 +448,8 @@ export class NodeHub implements RankNodes {
         (m) => this.onMessage(p, m),
         (why) => this.lose(p, why),
       );
-      p.onSilent = () => {
-        this.lose(p, `no message for ${PEER_SILENCE_MS / 1000} s`);
+      p.onSilent = (why) => {
+        this.lose(p, why);
         p.wire.close();
       };
     }
@@ -309,19 +457,33 @@ export class NodeHub implements RankNodes {
 
   /**
    * Listen on `addr` and wait until nodes 1 .. nnodes-1 have joined with a hello that matches
-   * `me` (or fail: a mismatch, or the deadline). Mismatching nodes get the same error.
+   * `me` (or fail: a mismatch, or the deadline). Mismatching nodes get the same error. A
+   * connection that is not a ds3 node (garbage, a malformed or late hello, a wrong or missing
+   * shared secret) is dropped with the reason logged; the others are still awaited.
    */
-  static async listen(o: { addr: string; me: NodeHello; timeoutMs: number; onProgress?: (m: string) => void }): Promise<NodeHub> {
+  static async listen(o: ListenOptions): Promise<NodeHub> {
     const { host, port } = parseInitAddr(o.addr);
     const need = o.me.nnodes - 1;
+    const token = o.token;
+    if (token !== undefined && (typeof token !== "string" || token === "")) throw new Error("--dist-token (DS3_DIST_TOKEN) must be a non-empty string");
+    const heartbeatMs = o.heartbeatMs ?? envMs("DS3_DIST_HEARTBEAT_MS", DEFAULT_HEARTBEAT_MS);
+    const helloMs = o.helloTimeoutMs ?? envMs("DS3_DIST_HELLO_TIMEOUT_MS", DEFAULT_HELLO_TIMEOUT_MS);
+    const log = o.onProgress ?? (() => {});
     const joined = new Map<number, Peer>();
     const server: Server = createServer();
     const conns = new Set<Wire>();
+    /** the last few connections dropped, for the deadline's message */
+    const dropped: string[] = [];
     return await new Promise<NodeHub>((resolve, reject) => {
       let done = false;
       const timer = setTimeout(() => {
         const missing = Array.from({ length: need }, (_, i) => i + 1).filter((r) => !joined.has(r));
-        fail(new Error(`node${missing.length > 1 ? "s" : ""} ${missing.join(", ")} did not join at ${o.addr} within ${o.timeoutMs / 1000} s (--dist-timeout)`));
+        fail(
+          new Error(
+            `node${missing.length > 1 ? "s" : ""} ${missing.join(", ")} did not join at ${o.addr} within ${o.timeoutMs / 1000} s (--dist-timeout)` +
+              (dropped.length ? `; connections dropped meanwhile: ${dropped.join("; ")}` : ""),
+          ),
+        );
       }, o.timeoutMs);
       const fail = (e: Error) => {
         if (done) return;
@@ -341,17 +503,57 @@ export class NodeHub implements RankNodes {
         const w = new Wire(sock, fmtAddr(sock.remoteAddress ?? "?", sock.remotePort ?? 0));
         if (done) return w.close();
         conns.add(w);
-        const t = setTimeout(() => w.close(), 30_000);
+        const nonce = randomBytes(32);
+        let settled = false;
+        /** not admitted: log why, tell the peer (if it listens), keep waiting for the real nodes */
+        const drop = (why: string, tell?: string) => {
+          if (settled) return;
+          settled = true;
+          clearTimeout(t);
+          log(`node 0: dropped the connection from ${w.peer}: ${why}`);
+          dropped.push(`${w.peer}: ${why}`);
+          if (dropped.length > 3) dropped.shift();
+          if (tell) w.send({ t: "reject", message: `node 0 (${o.addr}) refused this node: ${tell}` });
+          conns.delete(w);
+          w.close();
+        };
+        const t = setTimeout(() => drop(`no hello within ${helloMs / 1000} s`), helloMs);
         w.handle(
           (m) => {
+            if (settled) return;
             clearTimeout(t);
-            if (m.t !== "hello" || m.magic !== MAGIC) {
-              w.send({ t: "reject", message: `node 0 (${o.addr}) expected a ds3 node hello` });
-              return w.close();
+            if (m.t !== "hello" || m.magic !== MAGIC)
+              return drop(
+                m.t === "hello" ? `a hello of protocol ${JSON.stringify(m.magic)}, not ${MAGIC} (another ds3 version?)` : `not a ds3 node hello (a "${m.t}" message)`,
+                `expected a ${MAGIC} hello (is this node the same ds3 version?)`,
+              );
+            if (!(m.body instanceof Uint8Array) || !(m.nonce instanceof Uint8Array) || m.nonce.length !== 32) return drop("a malformed hello (no body or no 32-byte nonce)", "a malformed hello");
+            if (token !== undefined) {
+              if (m.mac === undefined)
+                return drop(
+                  "no proof of the shared secret: node 0 requires --dist-token / DS3_DIST_TOKEN",
+                  "node 0 requires a shared secret: give this node the same --dist-token / DS3_DIST_TOKEN as node 0",
+                );
+              if (!macMatches(token, m.mac, "ds3-hello", nonce, m.nonce, m.body))
+                return drop("a wrong shared secret (--dist-token / DS3_DIST_TOKEN)", "a wrong shared secret: this node's --dist-token / DS3_DIST_TOKEN is not node 0's");
+            } else if (m.mac !== undefined)
+              return drop(
+                "it has a shared secret (--dist-token / DS3_DIST_TOKEN) and node 0 has none",
+                "this node has a --dist-token / DS3_DIST_TOKEN and node 0 has none: give every node the same one, or none",
+              );
+            let h: unknown;
+            try {
+              h = deserialize(m.body);
+            } catch (e) {
+              return drop(`a hello that does not deserialize (${describe(e)})`, "a malformed hello");
             }
-            const rank = m.nodeRank;
+            const malformed = helloProblem(h);
+            if (malformed) return drop(`a malformed hello: ${malformed}`, `a malformed hello: ${malformed}`);
+            const hello = h as NodeHello;
+            settled = true;
+            const rank = hello.nodeRank;
             const who = `node ${rank} (${w.peer})`;
-            if (!Number.isInteger(rank) || rank < 1 || rank >= o.me.nnodes) {
+            if (rank < 1 || rank >= o.me.nnodes) {
               const msg = `${who} has node rank ${rank}, outside 1 .. ${o.me.nnodes - 1} (--nnodes ${o.me.nnodes} on node 0)`;
               w.send({ t: "reject", message: `node 0 (${o.addr}) refused this node: ${msg}` });
               conns.delete(w);
@@ -364,26 +566,27 @@ export class NodeHub implements RankNodes {
               w.send({ t: "reject", message: `node 0 (${o.addr}) refused this node: ${msg}` });
               conns.delete(w);
               w.close();
-              o.onProgress?.(`refused a second node ${rank} from ${w.peer}: ${msg}`);
+              log(`refused a second node ${rank} from ${w.peer}: ${msg}`);
               return;
             }
-            const bad = helloMismatch(o.me, m);
+            const bad = helloMismatch(o.me, hello);
             if (bad) {
               w.send({ t: "reject", message: `node 0 (${o.addr}) refused this node: ${bad}` });
               conns.delete(w);
               w.close();
               return fail(new Error(`${who} does not match node 0: ${bad}`));
             }
-            w.send({ t: "welcome" });
+            w.send({ t: "welcome", heartbeatMs, ...(token !== undefined && { mac: handshakeMac(token, "ds3-welcome", m.nonce, nonce, m.body) }) });
+            w.maxFrame = MAX_FRAME;
             const peer: Peer = { nodeRank: rank, wire: w, requests: new Map(), lost: null, stopBeat: () => {}, onSilent: () => w.close() };
-            peer.stopBeat = heartbeat(w, () => peer.onSilent());
+            peer.stopBeat = heartbeat(w, heartbeatMs, (why) => peer.onSilent(why));
             joined.set(rank, peer);
-            o.onProgress?.(`node ${rank} joined from ${w.peer} (${joined.size} of ${need})`);
+            log(`node ${rank} joined from ${w.peer} (${joined.size} of ${need})`);
             if (joined.size === need) {
               done = true;
               clearTimeout(timer);
               server.close(); // no more nodes; the joined connections stay
-              resolve(new NodeHub(o.me.nnodes, o.me.worldSize, o.addr, [...joined.values()].sort((a, b) => a.nodeRank - b.nodeRank)));
+              resolve(new NodeHub(o.me.nnodes, o.me.worldSize, o.addr, [...joined.values()].sort((a, b) => a.nodeRank - b.nodeRank), heartbeatMs));
             } else
               w.handle(
                 () => {},
@@ -395,13 +598,11 @@ export class NodeHub implements RankNodes {
                 },
               );
           },
-          () => {
-            clearTimeout(t);
-            conns.delete(w);
-          },
+          (why) => drop(why === "connection lost" ? "closed before its hello" : why),
         );
+        w.send({ t: "challenge", magic: MAGIC, nonce, auth: token !== undefined });
       });
-      server.listen(port, host, () => o.onProgress?.(`node 0: waiting for ${need} node${need > 1 ? "s" : ""} at ${o.addr}`));
+      server.listen(port, host, () => log(`node 0: waiting for ${need} node${need > 1 ? "s" : ""} at ${o.addr}${token !== undefined ? " (with a shared secret)" : ""}`));
     });
   }
 
@@ -458,6 +659,8 @@ export class NodeHub implements RankNodes {
   }
 
   link(coll: CollectiveBuffers): void {
+    // node 0 sends each node the parts of all other ranks of a chunk in one message
+    for (const p of this.peers) p.wire.maxFrame = Math.max(MAX_FRAME, collectiveFrame(coll));
     const port = (this.port = new CollectivePort(coll));
     void (async () => {
       for (;;) {
@@ -600,31 +803,52 @@ export async function runNode(o: RunNodeOptions): Promise<void> {
   const sock = await reach(o.distInitAddr, deadline, timeoutMs);
   const w = new Wire(sock, o.distInitAddr);
   const there = `node 0 (${o.distInitAddr})`;
-  // the handshake; what comes right after the welcome waits in `early` for the handler below
+  // the handshake: node 0's challenge, this node's hello (with the MAC when there is a token),
+  // node 0's welcome (with its MAC) or reject; what comes right after the welcome waits in `early`
   const early: Msg[] = [];
   let welcomed = false;
+  let heartbeatMs = DEFAULT_HEARTBEAT_MS;
+  const token = o.distToken;
   await new Promise<void>((resolve, reject) => {
     const t = setTimeout(() => {
       w.close();
       reject(new Error(`${there} did not answer this node's hello within ${timeoutMs / 1000} s`));
     }, Math.max(1_000, deadline - Date.now()));
+    const fail = (e: Error) => {
+      clearTimeout(t);
+      w.close();
+      reject(e);
+    };
+    const mine = randomBytes(32);
+    let theirs: Uint8Array | null = null;
+    let body: Buffer | null = null;
     w.handle(
       (m) => {
         if (welcomed) return void early.push(m);
-        clearTimeout(t);
-        if (m.t === "welcome") {
-          welcomed = true;
-          return resolve();
+        if (m.t === "reject") return fail(new Error(String(m.message)));
+        if (!theirs || !body) {
+          if (m.t !== "challenge" || m.magic !== MAGIC || !(m.nonce instanceof Uint8Array) || m.nonce.length !== 32)
+            return fail(new Error(`${there} is not a ds3 node 0 speaking ${MAGIC}: it sent ${m.t === "challenge" ? `a challenge of protocol ${JSON.stringify(m.magic)}` : `a "${m.t}" message`} first (another ds3 version, or not ds3 at all)`));
+          theirs = m.nonce;
+          body = serialize(me);
+          w.send({ t: "hello", magic: MAGIC, body, nonce: mine, ...(token !== undefined && { mac: handshakeMac(token, "ds3-hello", theirs, mine, body) }) });
+          return;
         }
-        w.close();
-        reject(new Error(m.t === "reject" ? m.message : `${there} sent ${m.t} before welcome`));
+        if (m.t !== "welcome") return fail(new Error(`${there} sent ${m.t} before welcome`));
+        if (token !== undefined && !macMatches(token, m.mac, "ds3-welcome", mine, theirs, body))
+          return fail(new Error(`${there} did not prove the shared secret (--dist-token / DS3_DIST_TOKEN): its token is not this node's, or it is not this group's node 0`));
+        if (!(typeof m.heartbeatMs === "number" && m.heartbeatMs > 0 && Number.isFinite(m.heartbeatMs))) return fail(new Error(`${there} sent a welcome without a heartbeat interval`));
+        clearTimeout(t);
+        heartbeatMs = m.heartbeatMs;
+        welcomed = true;
+        w.maxFrame = MAX_FRAME;
+        resolve();
       },
       (why) => {
         clearTimeout(t);
         reject(new Error(`${there}: ${why} during the handshake`));
       },
     );
-    w.send({ t: "hello", magic: MAGIC, ...me });
   });
   say(`node ${o.nodeRank}: joined ${there} as ranks ${first}..${first + perNode - 1} of ${o.worldSize}; waiting for the load`);
 
@@ -633,9 +857,9 @@ export async function runNode(o: RunNodeOptions): Promise<void> {
   let coll: CollectiveBuffers | null = null;
   let port: CollectivePort | null = null;
   let end: (e: Error | null) => void = () => {};
-  const stopBeat = heartbeat(w, () => {
+  const stopBeat = heartbeat(w, heartbeatMs, (why) => {
     w.close();
-    end(new Error(`${there}: no message for ${PEER_SILENCE_MS / 1000} s`));
+    end(new Error(`${there}: ${why}`));
   });
   const finished = new Promise<void>((resolve, reject) => {
     let ended = false;
@@ -671,6 +895,7 @@ export async function runNode(o: RunNodeOptions): Promise<void> {
     if (task.kind === "init") {
       if (o.worldSize > 1 && !coll) {
         coll = SharedCollective.allocate(o.worldSize, chunk, { first, count: perNode });
+        w.maxFrame = Math.max(MAX_FRAME, collectiveFrame(coll));
         startLink(coll);
       }
       const init: RankInit = {
