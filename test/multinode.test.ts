@@ -158,6 +158,60 @@ describe("ds3 serve with a second node", () => {
   });
 });
 
+describe.each(["SIGCONT", "SIGKILL"])("a node that stops answering (SIGSTOP, then %s)", (after) => {
+  it("fails the stream in flight naming the node within the heartbeat bound (DS3_DIST_HEARTBEAT_MS), /health turns 503, both nodes exit, no process is left", async () => {
+    const addr = `127.0.0.1:${await freePort()}`;
+    // node 0's heartbeat interval holds for the group: node 1 gets it in the welcome
+    const n0 = track(ds3(["serve", ...nodeFlags(2, 0, addr), "--port", "0"], { DS3_DIST_HEARTBEAT_MS: "250" }));
+    const n1 = track(ds3(["serve", ...nodeFlags(2, 1, addr)]));
+    const url = (await n0.waitFor(/http:\/\/\S+\n/)).trim();
+    const p = golden.prompts[1]!;
+    const stream = await fetch(`${url}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ prompt: p.ids, max_tokens: 3000, temperature: 0, ignore_eos: true, stream: true }),
+    });
+    expect(stream.status).toBe(200);
+    const reader = stream.body!.getReader();
+    const dec = new TextDecoder();
+    let sse = "";
+    let stoppedAt = 0;
+    for (;;) {
+      const { value, done } = await within(reader.read(), 30_000, "the stream");
+      if (done) break;
+      sse += dec.decode(value, { stream: true });
+      if (!stoppedAt && (sse.match(/^data: /gm) ?? []).length >= 3) {
+        n1.child.kill("SIGSTOP");
+        stoppedAt = performance.now();
+      }
+    }
+    const failedAfterMs = performance.now() - stoppedAt;
+    expect(stoppedAt).toBeGreaterThan(0);
+    const err = sse
+      .split("\n")
+      .filter((l) => l.startsWith("data: ") && l !== "data: [DONE]")
+      .map((l) => JSON.parse(l.slice(6)) as { error?: { message: string } })
+      .find((e) => e.error)?.error;
+    expect(err, `no error event in:\n${sse.slice(-500)}`).toBeDefined();
+    expect(err!.message).toMatch(/node 1 \(127\.0\.0\.1:\d+\) rank 1 failed at step \d+: no message for 3\.75 s \(heartbeat every 250 ms\): the node stopped answering/);
+    // 15 intervals of 250 ms, checked every 250 ms: not at once, and long before the 300 s step deadline
+    expect(failedAfterMs).toBeGreaterThanOrEqual(3_500);
+    expect(failedAfterMs).toBeLessThan(15_000);
+    const h = await fetch(`${url}/health`);
+    expect(h.status).toBe(503);
+    expect(((await h.json()) as { error: string }).error).toMatch(/node 1 \(127\.0\.0\.1:\d+\) rank 1/);
+    n1.child.kill(after);
+    expect(await within(n0.exited, 20_000, "node 0 exit")).toBe(1);
+    if (after === "SIGCONT") {
+      // node 1 wakes up to a closed connection (or a silent node 0) and ends, naming node 0
+      expect(await within(n1.exited, 20_000, "node 1 exit")).toBe(1);
+      expect(n1.stderr()).toMatch(new RegExp(`node 0 \\(${addr.replace(/\./g, "\\.")}\\): (connection lost|no message for)`));
+    } else expect(await within(n1.exited, 20_000, "node 1 exit")).toBe(137);
+    expect(alive(n0.pid)).toBe(false);
+    expect(alive(n1.pid)).toBe(false);
+  });
+});
+
 describe.each(["throw", "exit", "hang"])("a rank on node 1 that fails (%s) at a step", (kind) => {
   it("fails the step and the executor with the node and rank named; node 1 exits non-zero with node 0's reason", async () => {
     const addr = `127.0.0.1:${await freePort()}`;
