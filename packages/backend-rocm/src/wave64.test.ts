@@ -2,7 +2,8 @@
 // files the CUDA and the ROCm builds compile — run on the host by a SIMT emulator (test/simt_emu.h) at 64 lanes
 // (AMD's wavefront, with the HIP lane intrinsics and the portable match/reduce of vendor.cuh) and at 32 lanes (the
 // CUDA intrinsics), and compared with independent truths: @ds3/core's CPU Sampler for device sampling, float64
-// references (in test/wave64_harness.cpp) for the reductions, routing, quantization, GEMV and attention kernels.
+// references (in test/wave64_harness.cpp) for the reductions, routing, quantization, GEMV, MFMA GEMM and attention
+// kernels.
 // What this proves and does not: packages/backend-rocm/NATIVE.md.
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -130,7 +131,8 @@ describe.each(WIDTHS)("kernels at %i lanes per warp (host SIMT emulator)", (w) =
   it("reductions, routing, plan, activation quantization, GEMV and attention match float64 references", () => {
     const checks = runChecks(w);
     const names = new Set(checks.map((c) => c.check.split(" ")[0]));
-    for (const n of ["rmsNorm", "argmax", "moeRoute", "moePlan", "actQuant", "gemv", "mla"]) expect(names).toContain(n);
+    for (const n of ["rmsNorm", "argmax", "moeRoute", "moePlan", "actQuant", "gemv", "dequant", "mla"]) expect(names).toContain(n);
+    if (w === 64) expect(names).toContain("mfma"); // AMD's matrix-core GEMM, in the layout the emulator implements
     expect(checks.length).toBeGreaterThanOrEqual(40);
     expect(checks.filter((c) => !c.ok || c.warp !== w)).toEqual([]);
   }, 600_000);

@@ -39,7 +39,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 
 // ---- host types the sources use -----------------------------------------------------------------------
 typedef void* cudaStream_t;
@@ -361,6 +361,37 @@ inline unsigned __reduce_add_sync(unsigned mask, unsigned v) {
 inline int __ffs(unsigned m) { return m ? __builtin_ctz(m) + 1 : 0; }
 inline int __clz(unsigned m) { return m ? __builtin_clz(m) : 32; }
 inline int __popc(unsigned m) { return __builtin_popcount(m); }
+
+// ---- AMD matrix core: v_mfma_f32_32x32x8bf16_1k (one block), in the layout the kernel assumes ----------------------
+// lane l supplies A[i = l % 32][k = 4 (l / 32) + 0..3] and B[k = 4 (l / 32) + 0..3][j = l % 32] (bf16 bits);
+// D[i][j] += sum_k A[i][k] B[k][j] lands in register 4 (i / 8) + i % 4 of lane j + 32 ((i / 4) % 2).
+// This is the documented layout as understood by the kernel's author: it checks the kernel against that
+// understanding, not the hardware.
+template <class V4, class V16>
+inline V16 __builtin_amdgcn_mfma_f32_32x32x8bf16_1k(V4 a, V4 b, V16 c, int, int, int) {
+  static_assert(sizeof(V4) == 8 && sizeof(V16) == 64, "bf16x4 / floatx16");
+  uint64_t ab, bb;
+  memcpy(&ab, &a, 8);
+  memcpy(&bb, &b, 8);
+  uint64_t A[64], B[64];
+  memcpy(A, ds3emu::exchange(ab), sizeof A);
+  memcpy(B, ds3emu::exchange(bb), sizeof B);
+  const int l = ds3emu::lane();
+  auto el = [](uint64_t v, int e) {
+    const uint32_t u = uint32_t((v >> (16 * e)) & 0xffff) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+  };
+  const int j = l % 32;
+  for (int r = 0; r < 16; r++) {
+    const int i = 8 * (r / 4) + 4 * (l / 32) + r % 4;
+    float acc = c[r];
+    for (int k = 0; k < 8; k++) acc += el(A[i + 32 * (k / 4)], k % 4) * el(B[j + 32 * (k / 4)], k % 4);
+    c[r] = acc;
+  }
+  return c;
+}
 
 // ---- atomics (no fiber switch inside: atomic by construction) ---------------------------------------------
 template <class T, class U>

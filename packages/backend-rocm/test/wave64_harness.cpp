@@ -309,6 +309,19 @@ void check_act_prep() {
     const bool tiesOk = qf[0] == 240.f && qf[1] == 224.f && qf[2] == 0.f && !std::signbit(qf[2]) && qf[3] == 1.f && qf[4] == 1.25f &&
                         qf[5] == 0.f && !std::signbit(qf[5]) && qf[6] == -224.f && qf[7] == 96.f;
     report("actQuant fp8-fnuz qdq (max |diff|)", mf, 0);
+    // the same as e4m3fnuz bytes + scales (the MFMA GEMM's input): decoded, they are the QDQ values; no 0x80 (NaN)
+    std::vector<uint8_t> bz(xf.size());
+    std::vector<float> sz(size_t(rows) * ksb);
+    launch_act_prep(nullptr, PREP_FP8_FNUZ, xf.data(), K, nullptr, 0, nullptr, nullptr, rows, K, bz.data(), sz.data(), 0);
+    int badz = 0;
+    for (int t = 0; t < rows; t++)
+      for (int k = 0; k < K; k++) {
+        const uint8_t b = bz[t * K + k];
+        const int e = (b >> 3) & 15, m = b & 7;
+        const double v = (b == 0x80) ? NAN : (b & 0x80 ? -1 : 1) * (e == 0 ? std::ldexp(m / 8.0, -7) : std::ldexp(1 + m / 8.0, e - 8));
+        if (!(float(float(v) * sz[t * ksb + k / 128]) == qf[t * K + k])) badz++;
+      }
+    report("actQuant fp8-fnuz bytes (decoded = qdq, no 0x80)", badz, 0);
     report("actQuant fp8-fnuz ties (232->224, 2^-11->0, 1.0625->1, 1.1875->1.25, -0->+0, 100->96)", tiesOk ? 0 : 1, 0);
   }
   report("actQuant fp8 bytes", badB, 0);
@@ -384,6 +397,79 @@ void check_gemv(bool fnuz) {
   }
   ds3emu::fnuz_weights = false;
 }
+
+// ---- MFMA GEMM (AMD's tensor-core path, DS3_ROCM_MFMA=1): fragments, per-128 promotion, split-K, groups ---------
+#if DS3_EMU_WARP == 64  // (the MFMA kernel exists in the HIP lane world only)
+void check_mfma() {
+  const int M = 70, N = 130, K = 384, ksb = K / 128;
+  const int sr = (N + 127) / 128;
+  std::vector<uint8_t> w8(size_t(N) * K), a8(size_t(M) * K);
+  std::vector<uint16_t> w16(size_t(N) * K), a16(size_t(M) * K);
+  std::vector<float> wsc(size_t(sr) * ksb), asc(size_t(M) * ksb);
+  auto fp8r = [&] {
+    uint8_t v;
+    do v = uint8_t(rng() & 0xff); while ((v & 0x7f) == 0x7f || v == 0x80);
+    return v;
+  };
+  for (auto& v : w8) v = fp8r();
+  for (auto& v : a8) v = fp8r();
+  for (auto& v : w16) v = bf16_of(unif(-1, 1));
+  for (auto& v : a16) v = bf16_of(unif(-1, 1));
+  for (auto& v : wsc) v = unif(0.001f, 0.01f);
+  for (auto& v : asc) v = unif(0.01f, 0.1f);
+  struct V {
+    const char* name;
+    int af;  // 0 bf16, 1 fp8, 2 fp8 fnuz (weights fnuz too)
+    bool wbf16;
+  };
+  for (const V& v : {V{"bf16 x bf16", 0, true}, V{"bf16 x fp8", 0, false}, V{"fp8 x fp8", 1, false}, V{"fp8 x fp8 (fnuz, gfx942)", 2, false}}) {
+    const bool fz = v.af == 2;
+    ds3emu::fnuz_weights = fz;
+    std::vector<uint8_t> dw = w8, da = a8;
+    std::vector<float> dws = wsc;
+    if (fz) {
+      launch_fp8_to_fnuz(nullptr, dw.data(), int64_t(dw.size()), dws.data(), int64_t(dws.size()));
+      for (auto& b : da) b = b == 0x80 ? 0 : b;  // activations as fnuz bytes: value halved -> scales doubled below
+    }
+    std::vector<float> das = asc;
+    if (fz)
+      for (auto& x : das) x *= 2;
+    WDesc wd{v.wbf16 ? (void*)w16.data() : (void*)dw.data(), v.wbf16 ? nullptr : dws.data(), N, K, ksb, 0, v.wbf16 ? W_BF16 : W_F8, 0};
+    auto wref = [&](int n, int k) { return v.wbf16 ? ref_bf16(w16[size_t(n) * K + k]) : ref_fp8(w8[size_t(n) * K + k]) * wsc[(n >> 7) * ksb + k / 128]; };
+    auto aref = [&](int m, int k) { return v.af == 0 ? ref_bf16(a16[size_t(m) * K + k]) : ref_fp8(a8[size_t(m) * K + k]) * asc[m * ksb + k / 128]; };
+    for (int grouped = 0; grouped < 2; grouped++)
+      for (int splits : {1, 2}) {
+        if (grouped && splits > 1) continue;  // split-K is dense only
+        std::vector<float> y(size_t(M) * N, NAN), ws(size_t(splits) * M * N);
+        GemmArgs a;
+        a.a = v.af ? (const void*)da.data() : (const void*)a16.data();
+        a.as = v.af ? das.data() : nullptr;
+        a.ksb = ksb;
+        a.wtab = &wd;
+        a.y = y.data();
+        a.ldy = N;
+        a.M = M;
+        a.N = N;
+        a.K = K;
+        a.splits = splits;
+        a.ws = ws.data();
+        // grouped: two "experts" (the same weight) over rows [0, 20) and [20, 70): tiles (0,0), (1,0)
+        std::vector<int> gi = {2, 2, 0, 1, 0, 0, 0, 0, 0, 20, 20, 50};  // nActive, nTiles, tileSlot[2], tileM[2], slotExpert[2], slotOff[2], slotCnt[2]
+        if (grouped) a.g = Grouping{&gi[0], &gi[1], &gi[2], &gi[4], &gi[6], &gi[8], &gi[10], nullptr};
+        launch_tc(nullptr, a, v.af != 0, v.wbf16, grouped ? 2 : (M + 63) / 64, fz);
+        std::vector<double> r(y.size());
+        for (int m = 0; m < M; m++)
+          for (int n = 0; n < N; n++) {
+            double acc = 0;
+            for (int k = 0; k < K; k++) acc += aref(m, k) * wref(n, k);
+            r[size_t(m) * N + n] = acc;
+          }
+        report(std::string("mfma gemm ") + v.name + (grouped ? " grouped" : "") + (splits > 1 ? " split-K 2" : ""), relerr(y, r), 1e-5);
+      }
+  }
+  ds3emu::fnuz_weights = false;
+}
+#endif
 
 // ---- MLA attention (SIMT): lanes = (head slot, position), segment max/sum over AJ lanes, online softmax ----------
 void check_mla() {
@@ -497,7 +583,11 @@ int main(int argc, char** argv) {
       const std::map<std::string, std::function<void()>> all = {{"rmsnorm", check_rmsnorm}, {"argmax", check_argmax}, {"route", check_route},
                                                                   {"plan", check_plan},       {"act", check_act_prep},   {"gemv", [] { check_gemv(false); }},
                                                                   {"gemv-fnuz", [] { check_gemv(true); }},
+#if DS3_EMU_WARP == 64  // (the MFMA kernel exists in the HIP lane world only)
+                                                                  {"mfma", check_mfma},
+#endif
                                                                   {"mla", check_mla}};
+      if (!only.empty() && !all.count(only)) return fprintf(stderr, "no check %s\n", only.c_str()), 2;
       for (auto& [k, fn] : all)
         if (only.empty() || only == k) fn();
       int bad = 0;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -244,8 +245,12 @@ class Context : public Napi::ObjectWrap<Context> {
     // FP8 weights are stored as e4m3fnuz on gfx94x (MI300: its hardware format; the gfx94x code object decodes it)
     cc_ = 0;
     fnuz_ = std::string(p.gcnArchName).rfind("gfx94", 0) == 0;
+    // the MFMA GEMM (linear.cu) has never run on hardware: only on request
+    const char* mf = getenv("DS3_ROCM_MFMA");
+    tcGemm_ = mf && std::string(mf) == "1";
 #else
     cc_ = p.major * 10 + p.minor;
+    tcGemm_ = cc_ >= 80;
 #endif
     stageCap_ = size_t(16) << 20;
     CK(cudaHostAlloc(&stage_, stageCap_, cudaHostAllocDefault));
@@ -467,7 +472,7 @@ class Context : public Napi::ObjectWrap<Context> {
   int mcFor(int M) { return M <= 1 ? 1 : M <= 4 ? 4 : 8; }
   // actQuant: 0 none, 1 fp8, 2 fp8-ue8m0, 3 fp8-fnuz (AMD's format: the ROCm build only)
   int prepQ() const { return actQuant_ == 2 ? PREP_QDQ_UE8M0 : actQuant_ == 3 ? PREP_QDQ_FNUZ : PREP_QDQ; }
-  int prepF8() const { return actQuant_ == 2 ? PREP_FP8_UE8M0 : PREP_FP8; }
+  int prepF8() const { return actQuant_ == 2 ? PREP_FP8_UE8M0 : actQuant_ == 3 ? PREP_FP8_FNUZ : PREP_FP8; }
 
   /** too few output tiles to fill the GPU: split K (partials summed in order by a second kernel) */
   void splitK(GemmArgs& a, int mtiles) {
@@ -502,7 +507,7 @@ class Context : public Napi::ObjectWrap<Context> {
     const int mtiles = (M + TC_BM - 1) / TC_BM;
     // GEMV for few rows; with tensor cores allowed (fast modes) past 2 rows the mma kernel streams
     // the weights as fast and does the arithmetic for free
-    const bool tcAllowed = K % 16 == 0 && cc_ >= 80 && ((q && w.dtype == W_F8) || (actBf16_ && (w.dtype == W_F8 || w.dtype == W_BF16)));
+    const bool tcAllowed = K % 16 == 0 && tcGemm_ && ((q && w.dtype == W_F8) || (actBf16_ && (w.dtype == W_F8 || w.dtype == W_BF16)));
     if (M <= (tcAllowed ? 2 : 8) && K % 16 == 0 && ldx % 4 == 0) {
       if (q) {
         float* t = tmp(size_t(M) * K);
@@ -515,7 +520,7 @@ class Context : public Napi::ObjectWrap<Context> {
       launched("linear (gemv)");
       return;
     }
-    if (K % 16 == 0 && cc_ >= 80 && (w.dtype == W_F8 || w.dtype == W_BF16)) {
+    if (K % 16 == 0 && tcGemm_ && (w.dtype == W_F8 || w.dtype == W_BF16)) {
       if (q) {
         uint8_t* aq = tmp<uint8_t>(size_t(M) * K);
         float* as = tmp(size_t(M) * ksb);
@@ -524,7 +529,7 @@ class Context : public Napi::ObjectWrap<Context> {
         a.as = as;
         a.ksb = ksb;
         splitK(a, mtiles);
-        launch_tc(stream_, a, true, false, mtiles);
+        launch_tc(stream_, a, true, false, mtiles, actQuant_ == 3);
         if (prof_) path_ = " tc fp8xfp8";
         launched("linear (tensor cores, fp8)");
         return;
@@ -1037,7 +1042,7 @@ class Context : public Napi::ObjectWrap<Context> {
     a.wstride = 3;
     a.round = actBf16_;
     const bool aligned = D % 16 == 0 && I % 16 == 0;
-    const bool tcOk = aligned && cc_ >= 80 && (S.dtype == W_F8 || S.dtype == W_BF16) && (q || actBf16_);
+    const bool tcOk = aligned && tcGemm_ && (S.dtype == W_F8 || S.dtype == W_BF16) && (q || actBf16_);
     if (aligned && (T <= 8 || (T <= 64 && !tcOk))) {
       const float* xs = x;
       if (q) {
@@ -1101,10 +1106,10 @@ class Context : public Napi::ObjectWrap<Context> {
       a.woff = 0;
       a.y = G;
       Prof sub1(this, ".moe.gate-up");
-      launch_tc(stream_, a, q, S.dtype == W_BF16, maxTiles);
+      launch_tc(stream_, a, q, S.dtype == W_BF16, maxTiles, q && actQuant_ == 3);
       a.woff = 2;
       a.y = U;
-      launch_tc(stream_, a, q, S.dtype == W_BF16, maxTiles);
+      launch_tc(stream_, a, q, S.dtype == W_BF16, maxTiles, q && actQuant_ == 3);
       launched("moe gate/up (tensor cores)");
       void* A2;
       float* A2s = nullptr;
@@ -1126,7 +1131,7 @@ class Context : public Napi::ObjectWrap<Context> {
       b.y = Y;
       b.ldy = D;
       Prof sub2(this, ".moe.down+prep");
-      launch_tc(stream_, b, q, S.dtype == W_BF16, maxTiles);
+      launch_tc(stream_, b, q, S.dtype == W_BF16, maxTiles, q && actQuant_ == 3);
       launched("moe down (tensor cores)");
       if (prof_) path_ = std::string(" tc ") + (q ? "fp8xfp8" : "bf16");
     } else {
@@ -1420,6 +1425,7 @@ class Context : public Napi::ObjectWrap<Context> {
 
   int dev_ = 0, sms_ = 1, cc_ = 0;
   bool fnuz_ = false;  // FP8 weights held as e4m3fnuz (gfx94x)
+  bool tcGemm_ = false;  // the matrix-core GEMM (CUDA: mma.sync from sm_80; AMD: MFMA with DS3_ROCM_MFMA=1)
   int actBf16_ = 0, actQuant_ = 0;
   bool alive_ = false;
   cudaStream_t stream_ = nullptr;

@@ -57,9 +57,9 @@ __device__ __forceinline__ uint8_t to_fp8_bits(float x) {
 }
 /** round to the nearest e4m3fnuz value (the e4m3 grid halved, up to 240), ties to even, saturating at +-240,
  *  never -0: the "fp8-fnuz" activation quantization (the CPU backend emulates the same) */
-__device__ __forceinline__ float round_fnuz(float x) {
+/** the e4m3fnuz code (0..0x7f) of |x| rounded as round_fnuz does */
+__device__ __forceinline__ int fnuz_code(float x) {
   const float a = fabsf(x) * 2.0f;  // on the e4m3 grid extended by 480 (code 0x7f): exact doubling
-  if (!(a == a)) return x;
   int code;
   if (a >= 480.0f) {
     code = 0x7f;
@@ -71,6 +71,17 @@ __device__ __forceinline__ float round_fnuz(float x) {
     const int e = int(r >> 23) - 127 + 7;
     code = e > 15 ? 0x7f : ((e << 3) | int((r >> 20) & 7u));
   }
+  return code;
+}
+/** float -> e4m3fnuz byte (nearest, ties to even, saturating at +-240; zero is 0x00, never 0x80 = NaN) */
+__device__ __forceinline__ uint8_t fnuz_bits(float x) {
+  if (!(x == x)) return 0x80;
+  const int code = fnuz_code(x);
+  return uint8_t(code && x < 0 ? (0x80 | code) : code);
+}
+__device__ __forceinline__ float round_fnuz(float x) {
+  if (!(x == x)) return x;
+  const int code = fnuz_code(x);
   const int e = code >> 3, m = code & 7;
   const float v = (e == 0 ? float(m) * (1.0f / 512.0f) : ldexp_i(1.0f + float(m) * 0.125f, e - 7)) * 0.5f;
   return (x < 0 && v != 0.0f) ? -v : v;

@@ -658,15 +658,157 @@ static void tc_go(cudaStream_t s, const GemmArgs& a, int mtiles) {
   }
 }
 
-void launch_tc(cudaStream_t s, const GemmArgs& a, bool fp8a, bool wbf16, int mtiles) {
+void launch_tc(cudaStream_t s, const GemmArgs& a, bool fp8a, bool wbf16, int mtiles, bool) {
   if (fp8a) tc_go<true, false>(s, a, mtiles);
   else if (wbf16) tc_go<false, true>(s, a, mtiles);
   else tc_go<false, false>(s, a, mtiles);
 }
+#elif defined(DS3_LANES_HIP)
+// ---- AMD matrix cores (MFMA, wave64): the same contract as tc_kernel --------------------------------------------
+// v_mfma_f32_32x32x8bf16_1k on every target (gfx90a and gfx942): the A and W tiles are decoded to bf16 in LDS
+// (FP8 bytes, e4m3fn or e4m3fnuz, are exact in bf16; bf16 activations as they are), products accumulate in fp32
+// per 128-deep K block and are promoted with the block scales in fp32 as tc_kernel does. Block tile 64 x 128 x 128,
+// 4 waves of 32 x 64 (two 32 x 32 MFMA tiles each), one LDS stage (52 KB). Operand layout used (AMD's matrix
+// instruction calculator for 32x32x8 bf16_1k, one block): lane l holds A[i = l % 32][k = 4 (l / 32) + 0..3] and
+// B[k = 4 (l / 32) + 0..3][j = l % 32]; D[i][j] is register 4 (i / 8) + i % 4 of lane j + 32 ((i / 4) % 2).
+// NOT RUN ON HARDWARE: the host emulator implements this same layout, so it checks the kernel's use of it, not the
+// layout itself. The addon uses it only with DS3_ROCM_MFMA=1. FP8 MFMA (fp8 x fp8 on gfx942) is not written yet.
+constexpr int MF_BM = 64, MF_BN = 128, MF_BK = 128, MF_LD = MF_BK + 8;  // LD: bf16 per LDS row (+16 bytes)
+
+template <int AF>  // activations: 0 bf16, 1 fp8 e4m3fn bytes, 2 fp8 e4m3fnuz bytes (with per-128 scales)
+__device__ __forceinline__ uint16_t mf_a_bits(const void* a, int64_t i) {
+  if constexpr (AF == 0) return static_cast<const uint16_t*>(a)[i];
+  else if constexpr (AF == 1) return f32_to_bf16_bits(fp8_ocp_to_f32(static_cast<const uint8_t*>(a)[i]));
+  else return f32_to_bf16_bits(fp8_fnuz_to_f32(static_cast<const uint8_t*>(a)[i]));
+}
+
+template <int AF, bool WBF16>
+__global__ void __launch_bounds__(256) mfma_kernel(const GemmArgs p) {
+  __shared__ __align__(16) uint16_t sA[MF_BM * MF_LD];
+  __shared__ __align__(16) uint16_t sB[MF_BN * MF_LD];
+  int e = 0, off = 0, cnt = p.M, mt = blockIdx.y;
+  if (p.g.nTiles) {
+    if (int(blockIdx.y) >= __ldg(p.g.nTiles)) return;
+    const int slot = p.g.tileSlot[blockIdx.y];
+    mt = p.g.tileM[blockIdx.y];
+    e = p.g.slotExpert[slot];
+    off = p.g.slotOff[slot];
+    cnt = p.g.slotCnt[slot];
+  }
+  const int rbase = mt * MF_BM;
+  if (rbase >= cnt) return;
+  const WDesc w = p.wtab[e * p.wstride + p.woff];
+  const int N = p.N, K = p.K;
+  const int n0 = blockIdx.x * MF_BN;
+  const int rowsA = min(MF_BM, cnt - rbase), rowsB = min(MF_BN, N - n0);
+  const int64_t arow0 = int64_t(off) + rbase;
+  const int64_t wrow0 = p.wrow0 + n0;
+  const int tid = threadIdx.x, wave = tid / WARP, lane = tid % WARP;
+  const int wm = wave & 1, wn = wave >> 1;
+  const int li = lane % 32, lk = (lane / 32) * 4;
+  const int nkb = (K + MF_BK - 1) / MF_BK;
+  const int kper = (nkb + p.splits - 1) / p.splits;
+  const int kb0 = blockIdx.z * kper, kb1 = min(nkb, kb0 + kper);
+  float acc[2][16];
+#pragma unroll
+  for (int t = 0; t < 2; t++)
+#pragma unroll
+    for (int r = 0; r < 16; r++) acc[t][r] = 0.f;
+  for (int kb = kb0; kb < kb1; kb++) {
+    __syncthreads();  // the previous block's fragments are read
+    for (int c = tid; c < MF_BM * MF_BK; c += 256) {
+      const int r = c / MF_BK, kk = c % MF_BK, k = kb * MF_BK + kk;
+      sA[r * MF_LD + kk] = (r < rowsA && k < K) ? mf_a_bits<AF>(p.a, (arow0 + r) * K + k) : uint16_t(0);
+    }
+    for (int c = tid; c < MF_BN * MF_BK; c += 256) {
+      const int r = c / MF_BK, kk = c % MF_BK, k = kb * MF_BK + kk;
+      uint16_t v = 0;
+      if (r < rowsB && k < K) {
+        const int64_t i = (wrow0 + r) * K + k;
+        if constexpr (WBF16) v = static_cast<const uint16_t*>(w.data)[i];
+        else v = f32_to_bf16_bits(fp8_to_f32(static_cast<const uint8_t*>(w.data)[i]));  // the target's weight format
+      }
+      sB[r * MF_LD + kk] = v;
+    }
+    __syncthreads();
+    mf_f32x16 pacc[2];
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+#pragma unroll
+      for (int r = 0; r < 16; r++) pacc[t][r] = 0.f;
+#pragma unroll 4
+    for (int ks = 0; ks < MF_BK / 8; ks++) {
+      const mf_bf16x4 af = *reinterpret_cast<const mf_bf16x4*>(&sA[(wm * 32 + li) * MF_LD + ks * 8 + lk]);
+#pragma unroll
+      for (int t = 0; t < 2; t++) {
+        const mf_bf16x4 bf = *reinterpret_cast<const mf_bf16x4*>(&sB[(wn * 64 + t * 32 + li) * MF_LD + ks * 8 + lk]);
+        pacc[t] = __builtin_amdgcn_mfma_f32_32x32x8bf16_1k(af, bf, pacc[t], 0, 0, 0);
+      }
+    }
+    // promote this 128-deep block with its scales (fp32), as tc_kernel
+#pragma unroll
+    for (int t = 0; t < 2; t++) {
+      const int n = n0 + wn * 64 + t * 32 + li;
+      float sw = 1.f;
+      if constexpr (!WBF16) sw = n < N ? __ldg(w.scale + ((p.wrow0 + n + w.o0) >> 7) * w.sc + kb) : 0.f;
+#pragma unroll
+      for (int r = 0; r < 16; r++) {
+        const int row = wm * 32 + 8 * (r / 4) + 4 * (lane / 32) + r % 4;
+        float sa = 1.f;
+        if constexpr (AF != 0) sa = row < rowsA ? __ldg(p.as + (arow0 + row) * p.ksb + kb) : 0.f;
+        acc[t][r] = fmaf(pacc[t][r], sa * sw, acc[t][r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < 2; t++) {
+    const int n = n0 + wn * 64 + t * 32 + li;
+    if (n >= N) continue;
+#pragma unroll
+    for (int r = 0; r < 16; r++) {
+      const int row = wm * 32 + 8 * (r / 4) + 4 * (lane / 32) + r % 4;
+      if (row >= rowsA) continue;
+      if (p.splits > 1) p.ws[(int64_t(blockIdx.z) * p.M + arow0 + row) * N + n] = acc[t][r];
+      else p.y[(arow0 + row) * p.ldy + n] = maybe_bf16(acc[t][r], p.round);
+    }
+  }
+}
+
+__global__ void mfma_splitk_reduce_kernel(const float* __restrict__ ws, int splits, int M, int N, float* __restrict__ y, int64_t ldy,
+                                          int round) {
+  const int64_t n = int64_t(M) * N;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int z = 0; z < splits; z++) v += ws[z * n + i];
+    const int64_t r = i / N, c = i - r * N;
+    y[r * ldy + c] = maybe_bf16(v, round);
+  }
+}
+
+template <int AF, bool WBF16>
+static void mfma_go(cudaStream_t s, const GemmArgs& a, int mtiles) {
+  dim3 grid((a.N + MF_BN - 1) / MF_BN, mtiles, a.splits);
+  mfma_kernel<AF, WBF16><<<grid, 256, 0, s>>>(a);
+  if (a.splits > 1) {
+    const int64_t n = int64_t(a.M) * a.N;
+    mfma_splitk_reduce_kernel<<<int(std::min<int64_t>((n + 255) / 256, 1 << 20)), 256, 0, s>>>(a.ws, a.splits, a.M, a.N, a.y, a.ldy, a.round);
+  }
+}
+static_assert(MF_BM == TC_BM && MF_BN == TC_BN && MF_BK == TC_BK, "the addon sizes grids and split-K with the TC_* tiles");
+
+void launch_tc(cudaStream_t s, const GemmArgs& a, bool fp8a, bool wbf16, int mtiles, bool afnuz) {
+  if (fp8a) {
+    if (afnuz) mfma_go<2, false>(s, a, mtiles);
+    else mfma_go<1, false>(s, a, mtiles);
+  } else if (wbf16) {
+    mfma_go<0, true>(s, a, mtiles);
+  } else {
+    mfma_go<0, false>(s, a, mtiles);
+  }
+}
 #else
-// AMD (and the emulator): no mma.sync kernel; the addon reports compute capability 0 there and never picks it
-void launch_tc(cudaStream_t, const GemmArgs&, bool, bool, int) {
-  throw std::runtime_error("the tensor-core GEMM is built only for CUDA (on ROCm the GEMV/SIMT kernels run)");
+void launch_tc(cudaStream_t, const GemmArgs&, bool, bool, int, bool) {
+  throw std::runtime_error("no tensor-core GEMM in this build");
 }
 #endif
 
@@ -723,6 +865,13 @@ __global__ void act_prep_kernel(const float* __restrict__ x, int64_t ldx, const 
 #pragma unroll
       for (int i = 0; i < EPL; i++)
         if (k0 + i < K) o[k0 + i] = round_fnuz(v[i] / s) * s;
+    } else if constexpr (MODE == PREP_FP8_FNUZ) {
+      s = amax / 240.0f;
+      uint8_t* o = static_cast<uint8_t*>(out) + int64_t(row) * K;
+#pragma unroll
+      for (int i = 0; i < EPL; i++)
+        if (k0 + i < K) o[k0 + i] = fnuz_bits(v[i] / s);
+      if (lane == 0) scales[int64_t(row) * ksb + kb] = s;
     } else
 #endif
     if constexpr (MODE == PREP_FP8 || MODE == PREP_FP8_UE8M0) {
@@ -755,6 +904,7 @@ void launch_act_prep(cudaStream_t s, int mode, const float* x, int64_t ldx, cons
     PREP_CASE(PREP_QDQ_UE8M0)
 #if defined(DS3_SOFT_FORMATS)
     PREP_CASE(PREP_QDQ_FNUZ)
+    PREP_CASE(PREP_FP8_FNUZ)
 #endif
     default:
       act_prep_kernel<PREP_COPY><<<blocks, 8 * WARP, 0, s>>>(x, ldx, x2, silu_mul, rowIdx, nRows, rows, K, out, scales, round);

@@ -73,10 +73,13 @@ GemvTuning gemv_tuning();
 void set_gemv_tuning(const GemvTuning& t);
 void launch_gemv(cudaStream_t s, const GemmArgs& a, int wtype, bool dual, int slots, int z, int mc);
 void launch_simt(cudaStream_t s, const GemmArgs& a, int wtype, int mtiles, int z);
-void launch_tc(cudaStream_t s, const GemmArgs& a, bool fp8a, bool wbf16, int mtiles);
+/** CUDA: mma.sync; AMD: MFMA (afnuz: the fp8 activations are e4m3fnuz bytes, PREP_FP8_FNUZ) */
+void launch_tc(cudaStream_t s, const GemmArgs& a, bool fp8a, bool wbf16, int mtiles, bool afnuz = false);
 
-enum PrepMode : int { PREP_FP8 = 0, PREP_FP8_UE8M0 = 1, PREP_BF16 = 2, PREP_QDQ = 3, PREP_QDQ_UE8M0 = 4, PREP_COPY = 5, PREP_QDQ_FNUZ = 6 };
-// PREP_QDQ_FNUZ: the "fp8-fnuz" mode (AMD MI300's FP8): s = max(amax, 1e-4) / 240, x -> round_fnuz(x / s) * s
+enum PrepMode : int { PREP_FP8 = 0, PREP_FP8_UE8M0 = 1, PREP_BF16 = 2, PREP_QDQ = 3, PREP_QDQ_UE8M0 = 4, PREP_COPY = 5, PREP_QDQ_FNUZ = 6,
+                     PREP_FP8_FNUZ = 7 };
+// PREP_QDQ_FNUZ: the "fp8-fnuz" mode (AMD MI300's FP8): s = max(amax, 1e-4) / 240, x -> round_fnuz(x / s) * s;
+// PREP_FP8_FNUZ: the same as e4m3fnuz bytes + scales (the MFMA GEMM's input). Both only in the ROCm build.
 /** rows of x (gathered by rowIdx; with silu: silu(x) * x2, rounded when `round`) prepared as the
  *  kernels want them: fp8 + scales, bf16, fp32 quantize-dequantized (act_quant emulated), or a copy. */
 void launch_act_prep(cudaStream_t s, int mode, const float* x, int64_t ldx, const float* x2, int silu, const int* rowIdx,

@@ -40,6 +40,14 @@ namespace ds3cu {
 #if defined(DS3_LANES_HIP)
 static_assert(WARP == 64, "the HIP lane wrappers are written for wave64");
 typedef unsigned long long lanemask_t;
+// MFMA operand / accumulator vectors (the emulator implements __builtin_amdgcn_mfma_f32_32x32x8bf16_1k on GCC vectors)
+#if defined(DS3_SIMT_EMU)
+typedef short mf_bf16x4 __attribute__((vector_size(8)));
+typedef float mf_f32x16 __attribute__((vector_size(64)));
+#else
+typedef short mf_bf16x4 __attribute__((ext_vector_type(4)));
+typedef float mf_f32x16 __attribute__((ext_vector_type(16)));
+#endif
 template <typename T>
 __device__ __forceinline__ T shfl_xor(T v, int o) { return __shfl_xor(v, o); }
 template <typename T>
