@@ -128,17 +128,24 @@ describe("ds3 serve with a second node", () => {
     const events = sse
       .split("\n")
       .filter((l) => l.startsWith("data: ") && l !== "data: [DONE]")
-      .map((l) => JSON.parse(l.slice(6)) as { error?: { message: string } });
+      .map((l) => JSON.parse(l.slice(6)) as { error?: { message: string; type: string; code: string } });
     const err = events.find((e) => e.error)?.error;
     expect(err, `no error event in:\n${sse.slice(-500)}`).toBeDefined();
-    // the error names the node (its address) and the rank
-    expect(err!.message).toMatch(/node 1 \(127\.0\.0\.1:\d+\) rank 1 failed at step \d+: connection lost/);
+    // the error names the node (its address) and the rank; a lost backend, not an internal error
+    expect(err!.message).toMatch(/^engine step failed: RankExecutor: node 1 \(127\.0\.0\.1:\d+\) rank 1 failed at step \d+: connection lost/);
+    expect([err!.type, err!.code]).toEqual(["server_error", "backend_unavailable"]);
     expect(events.filter((e) => !e.error).length).toBeLessThan(3000); // cut short, not finished
 
     // /health says why until node 0 stops
     const h = await fetch(`${url}/health`);
     expect(h.status).toBe(503);
     expect(((await h.json()) as { error: string }).error).toMatch(/node 1 \(127\.0\.0\.1:\d+\) rank 1/);
+    // a new request meanwhile: 503 backend_unavailable with the same reason
+    const late = await fetch(`${url}/v1/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ prompt: p.ids, max_tokens: 4 }) });
+    expect(late.status).toBe(503);
+    const lateErr = ((await late.json()) as { error: { message: string; type: string; code: string } }).error;
+    expect([lateErr.type, lateErr.code]).toEqual(["server_error", "backend_unavailable"]);
+    expect(lateErr.message).toMatch(/node 1 \(127\.0\.0\.1:\d+\) rank 1 failed at step \d+: connection lost/);
     expect(await within(n0.exited, 20_000, "node 0 exit")).toBe(1);
     expect(n0.stderr()).toMatch(/node 0 stops/);
     expect(await n1.exited).toBe(137);
@@ -172,6 +179,12 @@ describe.each(["SIGCONT", "SIGKILL"])("a node that stops answering (SIGSTOP, the
       body: JSON.stringify({ prompt: p.ids, max_tokens: 3000, temperature: 0, ignore_eos: true, stream: true }),
     });
     expect(stream.status).toBe(200);
+    // and a request that is not streamed, in flight when node 1 stops: its JSON answer is the 503
+    const plain = fetch(`${url}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ prompt: p.ids, max_tokens: 3000, temperature: 0, ignore_eos: true }),
+    });
     const reader = stream.body!.getReader();
     const dec = new TextDecoder();
     let sse = "";
@@ -197,6 +210,11 @@ describe.each(["SIGCONT", "SIGKILL"])("a node that stops answering (SIGSTOP, the
     // 15 intervals of 250 ms, checked every 250 ms: not at once, and long before the 300 s step deadline
     expect(failedAfterMs).toBeGreaterThanOrEqual(3_500);
     expect(failedAfterMs).toBeLessThan(15_000);
+    const res = await within(plain, 20_000, "the request that is not streamed");
+    expect(res.status).toBe(503);
+    const body = (await res.json()) as { error: { message: string; type: string; code: string } };
+    expect([body.error.type, body.error.code]).toEqual(["server_error", "backend_unavailable"]);
+    expect(body.error.message).toMatch(/node 1 \(127\.0\.0\.1:\d+\) rank 1 failed at step \d+: no message for 3\.75 s/);
     const h = await fetch(`${url}/health`);
     expect(h.status).toBe(503);
     expect(((await h.json()) as { error: string }).error).toMatch(/node 1 \(127\.0\.0\.1:\d+\) rank 1/);

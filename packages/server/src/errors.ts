@@ -34,3 +34,18 @@ export class ApiError extends Error {
 export function invalid(param: string, message: string, code: string | null = null): ApiError {
   return new ApiError(400, `${param}: ${message}`, param, code);
 }
+
+/**
+ * A request that failed because the executor lost a rank or a node (a rank died or hung, a node of
+ * a multi-node group went away): 503 `backend_unavailable` (type server_error) with the message
+ * that names the node and rank, not a generic internal error. `failed` is the executor's failure
+ * (`Executor.failed`: a RankError then). Null for any other error.
+ */
+export function backendLost(e: unknown, failed: Error | null | undefined): ApiError | null {
+  if (e instanceof ApiError || !e || typeof e !== "object") return null;
+  const err = e as Error & { code?: string };
+  const isRank = (x: unknown) => !!x && (x as Error).name === "RankError";
+  if (isRank(err) || (err.name === "EngineError" && err.code === "engine_failed" && isRank(failed)))
+    return new ApiError(503, err.message, null, "backend_unavailable", "server_error");
+  return null;
+}

@@ -3,7 +3,7 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { ServerContext } from "./context.js";
-import { ApiError } from "./errors.js";
+import { ApiError, backendLost } from "./errors.js";
 import type { Exchange } from "./stream.js";
 import { isObject } from "./validate.js";
 
@@ -271,7 +271,9 @@ export function createHttp(ctx: ServerContext, routes: readonly Route[], o: Http
       ctx.log(`${req.method} ${req.url} ${res.statusCode} ${(performance.now() - t0).toFixed(1)}ms`);
     });
     const run = early || !url ? Promise.reject(early) : dispatch({ req, res, t0 }, url, path, found);
-    run.catch((e) => {
+    run.catch((e_) => {
+      // a rank or node lost mid-request: 503 backend_unavailable naming them, not an internal error
+      const e = backendLost(e_, ctx.engine.executor.failed) ?? e_;
       // a request whose body we did not read: answer, drop the rest of the body, close
       if (e instanceof ApiError && e.status === 413) {
         lingeringClose(req);

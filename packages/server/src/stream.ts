@@ -3,7 +3,7 @@
 // handling, the server-sent-events writer, usage and the logprob token names.
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Engine } from "@ds3/core";
-import { ApiError, invalid } from "./errors.js";
+import { ApiError, backendLost, invalid } from "./errors.js";
 import { type ChoiceResult, ChoiceRun, type ChoiceSpec } from "./generate.js";
 import type { ServerMetrics } from "./metrics.js";
 import type { TokenTable } from "./tokens.js";
@@ -113,6 +113,8 @@ export class Admission {
 
   engineError(e: unknown): ApiError {
     if (e instanceof ApiError) return e;
+    const lost = backendLost(e, this.engine.executor.failed);
+    if (lost) return lost;
     const err = e as Error & { code?: string; queueFull?: boolean; field?: string };
     if (err.queueFull) {
       this.metrics.rejected.inc({ reason: "engine_queue_full" });

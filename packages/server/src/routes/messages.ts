@@ -4,7 +4,7 @@
 // usage), message_stop. Errors have Anthropic's shape {"type": "error", "error": {type, message}};
 // the key may come as x-api-key (Anthropic's clients) or as a Bearer token.
 import type { ServerContext } from "../context.js";
-import { ApiError } from "../errors.js";
+import { ApiError, backendLost } from "../errors.js";
 import { type Route, sendJson } from "../http.js";
 import { type ChatChoice, type ChatOutcome, runChat } from "../pipeline.js";
 import { type Exchange, type SseWriter, cutError, openSse } from "../stream.js";
@@ -75,7 +75,7 @@ async function messages(ctx: ServerContext, x: Exchange, body: Record<string, un
   };
   /** mid-stream: Anthropic's error event, then the end */
   const fail = async (e: unknown) => {
-    const err = e instanceof ApiError ? e : new ApiError(500, `internal error: ${(e as Error)?.message ?? String(e)}`, null, "internal_error");
+    const err = e instanceof ApiError ? e : (backendLost(e, ctx.engine.executor.failed) ?? new ApiError(500, `internal error: ${(e as Error)?.message ?? String(e)}`, null, "internal_error"));
     if (err.status >= 500) ctx.log(`error: ${err.message}`);
     await emit("error", { error: anthropicError(err.status, err.message).error });
     out?.close();

@@ -5,7 +5,7 @@
 // response.incomplete when max_output_tokens cut it), each with a sequence_number.
 import type { SampleResult } from "@ds3/core";
 import type { ServerContext } from "../context.js";
-import { ApiError } from "../errors.js";
+import { ApiError, backendLost } from "../errors.js";
 import { type Route, sendJson } from "../http.js";
 import { type ChatChoice, type ChatOutcome, runChat } from "../pipeline.js";
 import { type Exchange, type SseWriter, clampLp, cutError, openSse, tokenBytes, tokenName } from "../stream.js";
@@ -123,7 +123,7 @@ async function responses(ctx: ServerContext, x: Exchange, body: Record<string, u
   const output = new ResponseOutput(emit, r.logprobs !== null ? outputLogprobs(ctx) : null);
   /** mid-stream: an error event and response.failed, then the end */
   const fail = async (e: unknown) => {
-    const err = e instanceof ApiError ? e : new ApiError(500, `internal error: ${(e as Error)?.message ?? String(e)}`, null, "internal_error");
+    const err = e instanceof ApiError ? e : (backendLost(e, ctx.engine.executor.failed) ?? new ApiError(500, `internal error: ${(e as Error)?.message ?? String(e)}`, null, "internal_error"));
     if (err.status >= 500) ctx.log(`error: ${err.message}`);
     await emit("error", { code: err.code, message: err.message, param: err.param });
     await emit("response.failed", { response: { ...base("failed"), output: output.items, error: { code: err.code ?? "server_error", message: err.message } } });
