@@ -3,6 +3,7 @@
 // worker threads with the same interface. The engine never knows which it has.
 import { type BackendContext, type BackendOptions, type BackendProvider, checkProvider, type DeviceSampling, requireOps, resolvePrecision, type Tensor } from "./backend.js";
 import { placeRanks } from "./devices.js";
+import { checkRanksFit } from "./fit.js";
 import { type ModelConfig, parseConfig } from "./config.js";
 import { Transformer } from "./model.js";
 import { Checkpoint } from "./safetensors.js";
@@ -150,6 +151,13 @@ export class LocalExecutor implements Executor {
     requireOps(opts.backend, resolvePrecision(opts.backendOptions?.precision));
     if (opts.backendOptions?.device !== undefined) placeRanks(opts.backend, 1, { devices: [opts.backendOptions.device] });
     const ck = Checkpoint.open(dir);
+    // weights + cache must fit the device: checked from the headers, before any weight is read
+    try {
+      checkRanksFit({ provider: opts.backend, ck, cfg, worldSize: 1, devices: [opts.backendOptions?.device ?? 0], cache: opts.cache, mtp: opts.mtp });
+    } catch (e) {
+      ck.close();
+      throw e;
+    }
     const total = opts.onWeights ? ck.names().reduce((a, n) => a + ck.info(n).nbytes, 0) : 0;
     let done = 0;
     const onRead = opts.onWeights ? (b: number) => opts.onWeights!((done += b), total) : undefined;

@@ -3,7 +3,12 @@
 // device's memoryTotal. A plan that does not fit is refused before any weight is read, with the
 // numbers (issue 9: "a plan for a checkpoint that does not fit is refused at load with the same
 // numbers" as `ds3 inspect` prints).
-import type { DeviceInfo } from "./backend.js";
+//
+// RankExecutor.create and the LocalExecutor constructor call checkRanksFit right after the
+// placement, before any weight is read; across nodes each node checks its own ranks (node R when
+// node 0's load reaches it: the cache size is node 0's). The CPU device's memoryTotal is the
+// host's memory (os.totalmem()), shared by every CPU rank of the process.
+import type { BackendProvider, DeviceInfo } from "./backend.js";
 import type { ModelConfig } from "./config.js";
 import { type CacheSpec, cacheBytesPerBlock } from "./executor.js";
 import type { Checkpoint } from "./safetensors.js";
@@ -23,10 +28,11 @@ export function tensorSplit(name: string): TensorSplit {
 }
 
 /** Weight bytes each of `worldSize` ranks holds (routed experts in contiguous runs of nRoutedExperts / worldSize). */
-export function weightBytesPerRank(ck: Checkpoint, cfg: ModelConfig, worldSize: number): number[] {
+export function weightBytesPerRank(ck: Checkpoint, cfg: ModelConfig, worldSize: number, include: (name: string) => boolean = () => true): number[] {
   const per = new Array<number>(worldSize).fill(0);
   const expertsPerRank = cfg.nRoutedExperts / worldSize;
   for (const name of ck.names()) {
+    if (!include(name)) continue;
     const b = ck.info(name).nbytes;
     const s = tensorSplit(name);
     if (s.split === "expert") per[Math.min(worldSize - 1, Math.floor(s.expert / expertsPerRank))]! += b;
@@ -61,7 +67,8 @@ export class FitError extends Error {
   }
 }
 
-const gib = (b: number) => `${(b / 2 ** 30).toFixed(2)} GiB`;
+/** bytes for messages: GiB from 1 GiB up (the plans of real checkpoints), MiB / KiB below (tiny models) */
+const gib = (b: number) => (b >= 2 ** 30 ? `${(b / 2 ** 30).toFixed(2)} GiB` : b >= 2 ** 20 ? `${(b / 2 ** 20).toFixed(2)} MiB` : `${(b / 2 ** 10).toFixed(2)} KiB`);
 
 /**
  * Refuses a plan whose weights + cache exceed some device's memoryTotal (ranks sharing a device
@@ -92,4 +99,39 @@ export function checkPlanFits(plan: readonly RankFootprint[], backend = "the bac
     `the placement plan does not fit on ${backend}: ${lines.join("; ")} (more ranks (--tp), fewer cache blocks (--cache-blocks / --cache-bytes), a bf16 cache, or devices with more memory)`,
     over,
   );
+}
+
+/**
+ * Refuse (FitError) a plan whose ranks do not fit their devices, before any weight is read: ranks
+ * [first, first + devices.length) of a world of `worldSize`, rank first + i on device devices[i]
+ * (indices into provider.devices()). Reads only the checkpoint's headers. The MTP layer's
+ * weights count only when it is loaded (`mtp`).
+ */
+export function checkRanksFit(o: {
+  provider: BackendProvider;
+  ck: Checkpoint;
+  cfg: ModelConfig;
+  worldSize: number;
+  first?: number;
+  devices: readonly number[];
+  cache: CacheSpec;
+  mtp?: boolean;
+}): void {
+  const { provider, ck, cfg, worldSize, cache } = o;
+  const first = o.first ?? 0;
+  const mtp = !!o.mtp && cfg.nMtpLayers > 0;
+  const infos = provider.devices();
+  // the MTP block's tensors are layers nLayers and up
+  const include = (name: string) => {
+    const m = /^model\.layers\.(\d+)\./.exec(name);
+    return mtp || !m || Number(m[1]) < cfg.nLayers;
+  };
+  const w = weightBytesPerRank(ck, cfg, worldSize, include);
+  const cacheBytes = cache.numBlocks * cacheBytesPerBlock(cfg, cache.blockSize, cache.dtype, mtp);
+  const plan: RankFootprint[] = [];
+  o.devices.forEach((d, i) => {
+    const device = infos.find((x) => x.index === d);
+    if (device) plan.push({ rank: first + i, device, weightBytes: w[first + i]!, cacheBytes });
+  });
+  checkPlanFits(plan, `backend "${provider.name}"`);
 }

@@ -42,6 +42,7 @@ import { deserialize, serialize } from "node:v8";
 import { type BackendOptions, type Precision, requireOps, resolvePrecision } from "./backend.js";
 import { placeRanks } from "./devices.js";
 import { loadConfig } from "./executor.js";
+import { checkRanksFit } from "./fit.js";
 import { checkParallel } from "./model.js";
 import {
   type CollectiveBuffers,
@@ -888,11 +889,27 @@ export async function runNode(o: RunNodeOptions): Promise<void> {
     })();
   };
 
+  /** whether this node's ranks fit their devices (checked at node 0's load, which brings the cache size): null once it is known they do */
+  let unfit: string | null | undefined;
   const runTask = (id: number, rank: number, task: RankTask, chunk?: number) => {
     const i = rank - first;
     if (!(i >= 0 && i < perNode)) return w.send({ t: "reply", id, error: `rank ${rank} is not on node ${o.nodeRank} (ranks ${first}..${first + perNode - 1})` });
     let t = task;
     if (task.kind === "init") {
+      if (unfit === undefined) {
+        try {
+          const ck = Checkpoint.open(o.dir);
+          try {
+            checkRanksFit({ provider, ck, cfg, worldSize: o.worldSize, first, devices: placement.devices, cache: task.cache, mtp: task.mtp });
+          } finally {
+            ck.close();
+          }
+          unfit = null;
+        } catch (e) {
+          unfit = describe(e);
+        }
+      }
+      if (unfit) return w.send({ t: "reply", id, error: unfit });
       if (o.worldSize > 1 && !coll) {
         coll = SharedCollective.allocate(o.worldSize, chunk, { first, count: perNode });
         w.maxFrame = Math.max(MAX_FRAME, collectiveFrame(coll));
