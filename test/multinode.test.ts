@@ -44,9 +44,9 @@ describe.each([2, 4])("tp %i over two node processes", (tp) => {
     const n0 = track(start([LOGITS, TINY, String(tp), "2", addr, out, "--one-node"]));
     expect(await within(n0.exited, 60_000, "node 0"), n0.stderr()).toBe(0);
     expect(await within(n1.exited, 10_000, "node 1"), n1.stderr()).toBe(0);
-    // node 1 ran ranks tp/2 .. tp-1 and said so; it stopped when node 0 ended
-    expect(n1.stderr()).toContain(`runs ranks ${tp / 2}..${tp - 1} of ${tp}`);
-    expect(n1.stderr()).toMatch(/node 0 ended: node 1 stops/);
+    // node 1 ran ranks tp/2 .. tp-1 and said so in one line; it stopped (exit 0) when node 0 ended
+    expect(n1.stderr()).toBe(`ds3: node 1 of 2: ${tp === 2 ? "rank 1" : "ranks 2-3"} on cpu, waiting for node 0 at ${addr}\n`);
+    expect(n1.stdout()).toBe("");
     const multi = readFileSync(out);
     const one = readFileSync(`${out}.one`);
     // the same rank-order sums as on one node: not close, equal
@@ -310,8 +310,11 @@ describe("the init port is a network service", () => {
     const url = (await n0.waitFor(/http:\/\/\S+\n/)).trim();
     await goldenCompletion(url);
     expect(await refused(addr)).toBe(true); // the group is complete: the init port no longer listens
+    // node 0 ends normally (SIGTERM): node 1 ends too, exit 0, after one line saying what it did
     n0.child.kill("SIGTERM");
     expect(await within(Promise.all([n0.exited, n1.exited]), 20_000, "both nodes")).toEqual([0, 0]);
+    expect(n1.stderr()).toBe(`ds3: node 1 of 2: rank 1 on cpu, waiting for node 0 at ${addr}\n`);
+    expect(n1.stdout()).toBe("");
   });
 
   it("with a shared secret (DS3_DIST_TOKEN / --dist-token): a wrong or a missing token is refused with a clear error on both sides, the right one joins", async () => {
@@ -485,12 +488,20 @@ describe("startup errors", () => {
       [["--tp", "2", "--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "127.0.0.1:1"], /--node-rank 2 is not below --nnodes 2/],
       [["--tp", "2", "--nnodes", "2"], /--nnodes 2 needs --dist-init-addr HOST:PORT/],
       [["--tp", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "nohost"], /--dist-init-addr must be HOST:PORT/],
+      [["--dist-token", "abc"], /--dist-token goes with --nnodes N/],
+      [["--tp", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "127.0.0.1:1", "--dist-token", ""], /--dist-token is empty/],
     ];
     for (const [flags, re] of cases) {
       const p = track(ds3(["serve", "--model", TINY, "--port", "0", ...flags]));
       expect(await within(p.exited, 20_000, flags.join(" "))).not.toBe(0);
       expect(p.stderr()).toMatch(re);
       expect(p.stdout()).toBe("");
+    }
+    // the shared secret is documented where users look
+    for (const cmd of ["serve", "generate"]) {
+      const h = track(ds3([cmd, "--help"]));
+      expect(await within(h.exited, 20_000, `${cmd} --help`)).toBe(0);
+      expect(h.stdout()).toMatch(/--dist-token[\s\S]*DS3_DIST_TOKEN[\s\S]*HMAC-SHA256 challenge-response[\s\S]*it never travels/);
     }
   });
 });

@@ -5,7 +5,7 @@ import { join, resolve } from "node:path";
 import type { Argv, Options } from "yargs";
 import { DS3, SamplingError, type SamplingParams, Tokenizer, builtinModelDir, loadConfig, parseDeviceList, validateSampling } from "@ds3/core";
 import { getBackend } from "./backends.js";
-import { ProgressBar, UsageError, fmtBytes, notice, warn } from "./ui.js";
+import { ProgressBar, UsageError, fmtBytes, notice, ui, warn } from "./ui.js";
 
 export interface GlobalArgs {
   verbose?: boolean;
@@ -135,7 +135,9 @@ export async function runWorkerNode(a: ModelArgs): Promise<void> {
   const n = nodeLoadOptions(a);
   const k = n.nodeRank ?? 0;
   const per = a.tp / (n.nnodes ?? 1);
-  notice(`node ${k} of ${n.nnodes}: runs ranks ${k * per}..${(k + 1) * per - 1} of ${a.tp} for node 0 at ${a.distInitAddr}; no prompt, no port here`);
+  const ranks = per === 1 ? `rank ${k}` : `ranks ${k * per}-${(k + 1) * per - 1}`;
+  // one line says what this node does (no prompt, no port here); the steps of joining with --verbose
+  notice(`node ${k} of ${n.nnodes}: ${ranks} on ${backend.name}${a.devices ? ` devices ${a.devices.join(",")}` : ""}, waiting for node 0 at ${a.distInitAddr}`);
   await DS3.runNode({
     ...(dir && { model: dir }),
     backend,
@@ -144,9 +146,10 @@ export async function runWorkerNode(a: ModelArgs): Promise<void> {
     ...(a.devices !== undefined && { devices: a.devices }),
     ...(a.shareDevices !== undefined && { shareDevices: a.shareDevices }),
     ...(a.cacheDtype !== undefined && { cacheDtype: a.cacheDtype as "f32" | "bf16" }),
-    onProgress: (m) => notice(m),
+    onProgress: (m) => ui.verbose && notice(m),
   });
-  notice(`node 0 ended: node ${n.nodeRank} stops`);
+  // node 0 ended normally: so does this node (exit 0)
+  if (ui.verbose) notice(`node 0 ended: node ${k} stops`);
 }
 
 export const mtpOption: Record<string, Options> = {

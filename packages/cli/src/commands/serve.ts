@@ -37,7 +37,8 @@ export function builder(y: Argv): Argv {
     .example("$0 serve --model DIR --port 8000", "")
     .example("$0 serve --port 0", "the built-in model on a free port (printed on stdout)")
     .example("$0 serve --model DIR --tp 16 --nnodes 2 --node-rank 0 --dist-init-addr 10.0.0.1:5000", "node 0 of two 8-GPU machines: the engine and the server")
-    .example("$0 serve --model DIR --tp 16 --nnodes 2 --node-rank 1 --dist-init-addr 10.0.0.1:5000", "node 1: ranks 8-15, no HTTP port; exits when node 0 ends");
+    .example("$0 serve --model DIR --tp 16 --nnodes 2 --node-rank 1 --dist-init-addr 10.0.0.1:5000", "node 1: ranks 8-15, no HTTP port; exits when node 0 ends")
+    .example("DS3_DIST_TOKEN=$SECRET $0 serve ... --nnodes 2 --node-rank R ...", "the same on both nodes, with a shared secret: only nodes that know it can join");
 }
 
 export async function handler(a: Args): Promise<void> {
