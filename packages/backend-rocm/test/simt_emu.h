@@ -393,6 +393,30 @@ inline V16 __builtin_amdgcn_mfma_f32_32x32x8bf16_1k(V4 a, V4 b, V16 c, int, int,
   return c;
 }
 
+// v_mfma_f32_32x32x16_fp8_fp8 as on gfx942 (both operands e4m3fnuz): lane l supplies A[i = l % 32][k = 8 (l / 32) + 0..7]
+// and B[k = 8 (l / 32) + 0..7][j = l % 32] as bytes; D as above.
+template <class V16>
+inline V16 __builtin_amdgcn_mfma_f32_32x32x16_fp8_fp8(long a, long b, V16 c, int, int, int) {
+  uint64_t A[64], B[64];
+  memcpy(A, ds3emu::exchange((uint64_t)a), sizeof A);
+  memcpy(B, ds3emu::exchange((uint64_t)b), sizeof B);
+  auto fnuz = [](uint64_t v, int e) {
+    const int x = int((v >> (8 * e)) & 0xff);
+    if (x == 0x80) return float(NAN);
+    const int ex = (x >> 3) & 15, m = x & 7;
+    const float f = ex == 0 ? std::ldexp(float(m) / 8, -7) : std::ldexp(1 + float(m) / 8, ex - 8);
+    return (x & 0x80) ? -f : f;
+  };
+  const int l = ds3emu::lane(), j = l % 32;
+  for (int r = 0; r < 16; r++) {
+    const int i = 8 * (r / 4) + 4 * (l / 32) + r % 4;
+    float acc = c[r];
+    for (int k = 0; k < 16; k++) acc += fnuz(A[i + 32 * (k / 8)], k % 8) * fnuz(B[j + 32 * (k / 8)], k % 8);
+    c[r] = acc;
+  }
+  return c;
+}
+
 // ---- atomics (no fiber switch inside: atomic by construction) ---------------------------------------------
 template <class T, class U>
 inline T atomicAdd(T* p, U v) {

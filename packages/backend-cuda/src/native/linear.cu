@@ -671,8 +671,9 @@ void launch_tc(cudaStream_t s, const GemmArgs& a, bool fp8a, bool wbf16, int mti
 // 4 waves of 32 x 64 (two 32 x 32 MFMA tiles each), one LDS stage (52 KB). Operand layout used (AMD's matrix
 // instruction calculator for 32x32x8 bf16_1k, one block): lane l holds A[i = l % 32][k = 4 (l / 32) + 0..3] and
 // B[k = 4 (l / 32) + 0..3][j = l % 32]; D[i][j] is register 4 (i / 8) + i % 4 of lane j + 32 ((i / 4) % 2).
-// NOT RUN ON HARDWARE: the host emulator implements this same layout, so it checks the kernel's use of it, not the
-// layout itself. The addon uses it only with DS3_ROCM_MFMA=1. FP8 MFMA (fp8 x fp8 on gfx942) is not written yet.
+// fp8-fnuz on gfx942 (AF 2) multiplies the e4m3fnuz bytes themselves on v_mfma_f32_32x32x16_fp8_fp8.
+// NOT RUN ON HARDWARE: the host emulator implements these same layouts, so it checks the kernel's use of them, not
+// the layouts themselves. The addon uses this kernel only with DS3_ROCM_MFMA=1.
 constexpr int MF_BM = 64, MF_BN = 128, MF_BK = 128, MF_LD = MF_BK + 8;  // LD: bf16 per LDS row (+16 bytes)
 
 template <int AF>  // activations: 0 bf16, 1 fp8 e4m3fn bytes, 2 fp8 e4m3fnuz bytes (with per-128 scales)
@@ -715,6 +716,39 @@ __global__ void __launch_bounds__(256) mfma_kernel(const GemmArgs p) {
 #pragma unroll
     for (int r = 0; r < 16; r++) acc[t][r] = 0.f;
   for (int kb = kb0; kb < kb1; kb++) {
+    mf_f32x16 pacc[2];
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+#pragma unroll
+      for (int r = 0; r < 16; r++) pacc[t][r] = 0.f;
+#if defined(DS3_FP8_FNUZ) || defined(DS3_SIMT_EMU)
+    if constexpr (AF == 2) {
+      // gfx942, fp8-fnuz: activations and weights are e4m3fnuz bytes, the format of the FP8 matrix cores
+      // (v_mfma_f32_32x32x16_fp8_fp8: lane l holds A[i = l % 32][k = 8 (l / 32) + 0..7], B likewise; D as above)
+      uint8_t* a8 = reinterpret_cast<uint8_t*>(sA);
+      uint8_t* b8 = reinterpret_cast<uint8_t*>(sB);
+      __syncthreads();
+      for (int c = tid; c < MF_BM * MF_BK; c += 256) {
+        const int r = c / MF_BK, kk = c % MF_BK, k = kb * MF_BK + kk;
+        a8[r * 2 * MF_LD + kk] = (r < rowsA && k < K) ? static_cast<const uint8_t*>(p.a)[(arow0 + r) * K + k] : uint8_t(0);
+      }
+      for (int c = tid; c < MF_BN * MF_BK; c += 256) {
+        const int r = c / MF_BK, kk = c % MF_BK, k = kb * MF_BK + kk;
+        b8[r * 2 * MF_LD + kk] = (r < rowsB && k < K) ? static_cast<const uint8_t*>(w.data)[(wrow0 + r) * K + k] : uint8_t(0);
+      }
+      __syncthreads();
+#pragma unroll 4
+      for (int ks = 0; ks < MF_BK / 16; ks++) {
+        const long af = *reinterpret_cast<const long*>(&a8[(wm * 32 + li) * 2 * MF_LD + ks * 16 + 8 * (lane / 32)]);
+#pragma unroll
+        for (int t = 0; t < 2; t++) {
+          const long bf = *reinterpret_cast<const long*>(&b8[(wn * 64 + t * 32 + li) * 2 * MF_LD + ks * 16 + 8 * (lane / 32)]);
+          pacc[t] = __builtin_amdgcn_mfma_f32_32x32x16_fp8_fp8(af, bf, pacc[t], 0, 0, 0);
+        }
+      }
+    } else
+#endif
+    {
     __syncthreads();  // the previous block's fragments are read
     for (int c = tid; c < MF_BM * MF_BK; c += 256) {
       const int r = c / MF_BK, kk = c % MF_BK, k = kb * MF_BK + kk;
@@ -731,11 +765,6 @@ __global__ void __launch_bounds__(256) mfma_kernel(const GemmArgs p) {
       sB[r * MF_LD + kk] = v;
     }
     __syncthreads();
-    mf_f32x16 pacc[2];
-#pragma unroll
-    for (int t = 0; t < 2; t++)
-#pragma unroll
-      for (int r = 0; r < 16; r++) pacc[t][r] = 0.f;
 #pragma unroll 4
     for (int ks = 0; ks < MF_BK / 8; ks++) {
       const mf_bf16x4 af = *reinterpret_cast<const mf_bf16x4*>(&sA[(wm * 32 + li) * MF_LD + ks * 8 + lk]);
@@ -744,6 +773,7 @@ __global__ void __launch_bounds__(256) mfma_kernel(const GemmArgs p) {
         const mf_bf16x4 bf = *reinterpret_cast<const mf_bf16x4*>(&sB[(wn * 64 + t * 32 + li) * MF_LD + ks * 8 + lk]);
         pacc[t] = __builtin_amdgcn_mfma_f32_32x32x8bf16_1k(af, bf, pacc[t], 0, 0, 0);
       }
+    }
     }
     // promote this 128-deep block with its scales (fp32), as tc_kernel
 #pragma unroll
