@@ -55,8 +55,6 @@ __device__ __forceinline__ uint8_t to_fp8_bits(float x) {
   if (e > 15 || (e == 15 && m == 7)) return uint8_t(sign | 0x7e);
   return uint8_t(sign | (e << 3) | m);
 }
-/** round to the nearest e4m3fnuz value (the e4m3 grid halved, up to 240), ties to even, saturating at +-240,
- *  never -0: the "fp8-fnuz" activation quantization (the CPU backend emulates the same) */
 /** the e4m3fnuz code (0..0x7f) of |x| rounded as round_fnuz does */
 __device__ __forceinline__ int fnuz_code(float x) {
   const float a = fabsf(x) * 2.0f;  // on the e4m3 grid extended by 480 (code 0x7f): exact doubling
@@ -79,6 +77,8 @@ __device__ __forceinline__ uint8_t fnuz_bits(float x) {
   const int code = fnuz_code(x);
   return uint8_t(code && x < 0 ? (0x80 | code) : code);
 }
+/** round to the nearest e4m3fnuz value (the e4m3 grid halved, up to 240), ties to even, saturating at +-240,
+ *  never -0: the "fp8-fnuz" activation quantization (the CPU backend emulates the same) */
 __device__ __forceinline__ float round_fnuz(float x) {
   if (!(x == x)) return x;
   const int code = fnuz_code(x);
