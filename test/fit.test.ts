@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { FIXTURES } from "./helpers/golden.js";
 import { alive, freePort, start, within } from "./helpers/multinode.js";
+// @ts-expect-error plain ESM helper without types (worker ranks import it by path)
 import { tinyMemoryBackend } from "./helpers/multinode-tinymem-backend.mjs";
 
 const TINY = join(FIXTURES, "tiny-v3");

@@ -165,7 +165,7 @@ describe("ds3 serve with a second node", () => {
   });
 });
 
-describe.each(["SIGCONT", "SIGKILL"])("a node that stops answering (SIGSTOP, then %s)", (after) => {
+describe.each(["SIGCONT", "SIGKILL"] as const)("a node that stops answering (SIGSTOP, then %s)", (after) => {
   it("fails the stream in flight naming the node within the heartbeat bound (DS3_DIST_HEARTBEAT_MS), /health turns 503, both nodes exit, no process is left", async () => {
     const addr = `127.0.0.1:${await freePort()}`;
     // node 0's heartbeat interval holds for the group: node 1 gets it in the welcome

@@ -11,7 +11,7 @@
 import type { BackendProvider, DeviceInfo } from "./backend.js";
 import type { ModelConfig } from "./config.js";
 import { type CacheSpec, cacheBytesPerBlock } from "./executor.js";
-import type { Checkpoint } from "./safetensors.js";
+import { Checkpoint } from "./safetensors.js";
 
 /** How the ranks hold a checkpoint tensor: whole on every rank, split N ways, or one routed expert on one rank. */
 export type TensorSplit = { split: "replicated" } | { split: "split" } | { split: "expert"; expert: number };
@@ -105,11 +105,12 @@ export function checkPlanFits(plan: readonly RankFootprint[], backend = "the bac
  * Refuse (FitError) a plan whose ranks do not fit their devices, before any weight is read: ranks
  * [first, first + devices.length) of a world of `worldSize`, rank first + i on device devices[i]
  * (indices into provider.devices()). Reads only the checkpoint's headers. The MTP layer's
- * weights count only when it is loaded (`mtp`).
+ * weights count only when it is loaded (`mtp`). `ck`: the open checkpoint, or its directory; a
+ * directory whose headers do not open is not checked here (the ranks report the loader's error).
  */
 export function checkRanksFit(o: {
   provider: BackendProvider;
-  ck: Checkpoint;
+  ck: Checkpoint | string;
   cfg: ModelConfig;
   worldSize: number;
   first?: number;
@@ -117,6 +118,19 @@ export function checkRanksFit(o: {
   cache: CacheSpec;
   mtp?: boolean;
 }): void {
+  if (typeof o.ck === "string") {
+    let ck: Checkpoint;
+    try {
+      ck = Checkpoint.open(o.ck);
+    } catch {
+      return;
+    }
+    try {
+      return checkRanksFit({ ...o, ck });
+    } finally {
+      ck.close();
+    }
+  }
   const { provider, ck, cfg, worldSize, cache } = o;
   const first = o.first ?? 0;
   const mtp = !!o.mtp && cfg.nMtpLayers > 0;

@@ -898,12 +898,7 @@ export async function runNode(o: RunNodeOptions): Promise<void> {
     if (task.kind === "init") {
       if (unfit === undefined) {
         try {
-          const ck = Checkpoint.open(o.dir);
-          try {
-            checkRanksFit({ provider, ck, cfg, worldSize: o.worldSize, first, devices: placement.devices, cache: task.cache, mtp: task.mtp });
-          } finally {
-            ck.close();
-          }
+          checkRanksFit({ provider, ck: o.dir, cfg, worldSize: o.worldSize, first, devices: placement.devices, cache: task.cache, mtp: task.mtp });
           unfit = null;
         } catch (e) {
           unfit = describe(e);

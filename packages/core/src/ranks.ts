@@ -631,13 +631,9 @@ export class RankExecutor implements Executor {
     if (nodes && nodes.perNode * nodes.nnodes !== ws) throw new RangeError(`RankExecutor: ${nodes.nnodes} nodes x ${nodes.perNode} ranks is not world size ${ws}`);
     const here = nodes ? nodes.perNode : ws; // ranks in this process: [0, here)
     const placement = placeRanks(provider, here, { devices: opts.devices, shareDevices: opts.shareDevices });
-    // this node's ranks must fit their devices (weights + cache), checked from the headers before any weight is read
-    const ck = Checkpoint.open(dir);
-    try {
-      checkRanksFit({ provider, ck, cfg, worldSize: ws, devices: placement.devices, cache: opts.cache, mtp: opts.mtp });
-    } finally {
-      ck.close();
-    }
+    // this node's ranks must fit their devices (weights + cache), checked from the headers before any
+    // weight is read; a checkpoint that does not open is left to the ranks, which report it as a rank's load error
+    checkRanksFit({ provider, ck: dir, cfg, worldSize: ws, devices: placement.devices, cache: opts.cache, mtp: opts.mtp });
     workerUrl(); // a missing build is an error now, not in every worker
     const stepTimeoutMs = opts.stepTimeoutMs ?? 300_000;
     if (!(stepTimeoutMs > 0)) throw new RangeError(`stepTimeoutMs must be positive, got ${stepTimeoutMs}`);
