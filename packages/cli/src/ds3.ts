@@ -67,7 +67,7 @@ async function main(argv: string[]): Promise<number> {
   let y = yargs(args)
     .scriptName("ds3")
     .usage("$0 <command> [options]\n\nDeepSeek-V3 inference for Node.js. Without --model, ds3 runs a built-in tiny DeepSeek-V3 with random weights (its output is noise).")
-    .option("verbose", { type: "boolean", global: true, describe: "print the stack with errors" })
+    .option("verbose", { type: "boolean", global: true, describe: "print the stack with errors, and progress details (how the nodes of --nnodes join)" })
     .option("quiet", { alias: "q", type: "boolean", global: true, describe: "no notices on stderr" });
   for (const c of COMMANDS) y = y.command(toModule(c));
   y = y
