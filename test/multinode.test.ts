@@ -11,7 +11,7 @@ import { join } from "node:path";
 import { deserialize, serialize } from "node:v8";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { comparableGreedyPrefix, FIXTURES, loadGolden, maxAbsDiff } from "./helpers/golden.js";
-import { alive, ds3, frame, freePort, type Proc, ROOT, rawPeer, start, stderrMatches, unframe, within } from "./helpers/multinode.js";
+import { alive, delayingProxy, ds3, frame, freePort, type Proc, ROOT, rawPeer, start, stderrMatches, unframe, within } from "./helpers/multinode.js";
 
 const TINY = join(FIXTURES, "tiny-v3");
 const BF16 = join(FIXTURES, "tiny-v3-bf16");
@@ -37,21 +37,30 @@ afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 const nodeFlags = (tp: number, rank: number, addr: string) => ["--model", TINY, "--tp", String(tp), "--nnodes", "2", "--node-rank", String(rank), "--dist-init-addr", addr, "--dist-timeout", "60"];
 
 describe.each([2, 4])("tp %i over two node processes", (tp) => {
-  it(`gives the golden logits of tiny-v3 (1e-3), bit-identical to tp ${tp} in one process`, async () => {
+  it(`gives the golden logits of tiny-v3 (1e-3), bit-identical to tp ${tp} in one process, prompt by prompt and as one batch of every prompt${tp === 4 ? " (node 1 behind a proxy that delays every chunk at random)" : ""}`, async () => {
     const addr = `127.0.0.1:${await freePort()}`;
+    // at tp 4 the link between the nodes delays at random: the collectives' arrival order varies, the sums' order must not
+    const proxy = tp === 4 ? await delayingProxy(addr) : null;
+    const addr1 = proxy?.addr ?? addr;
     const out = join(tmp, `logits-${tp}.f32`);
-    const n1 = track(ds3(["generate", ...nodeFlags(tp, 1, addr)]));
-    const n0 = track(start([LOGITS, TINY, String(tp), "2", addr, out, "--one-node"]));
-    expect(await within(n0.exited, 60_000, "node 0"), n0.stderr()).toBe(0);
-    expect(await within(n1.exited, 10_000, "node 1"), n1.stderr()).toBe(0);
-    // node 1 ran ranks tp/2 .. tp-1 and said so in one line; it stopped (exit 0) when node 0 ended
-    expect(n1.stderr()).toBe(`ds3: node 1 of 2: ${tp === 2 ? "rank 1" : "ranks 2-3"} on cpu, waiting for node 0 at ${addr}\n`);
-    expect(n1.stdout()).toBe("");
+    try {
+      const n1 = track(ds3(["generate", ...nodeFlags(tp, 1, addr1)]));
+      const n0 = track(start([LOGITS, TINY, String(tp), "2", addr, out, "--one-node"]));
+      expect(await within(n0.exited, 60_000, "node 0"), n0.stderr()).toBe(0);
+      expect(await within(n1.exited, 10_000, "node 1"), n1.stderr()).toBe(0);
+      // node 1 ran ranks tp/2 .. tp-1 and said so in one line; it stopped (exit 0) when node 0 ended
+      expect(n1.stderr()).toBe(`ds3: node 1 of 2: ${tp === 2 ? "rank 1" : "ranks 2-3"} on cpu, waiting for node 0 at ${addr1}\n`);
+      expect(n1.stdout()).toBe("");
+      if (proxy) expect(proxy.delayed()).toBeGreaterThan(100);
+    } finally {
+      proxy?.close();
+    }
+    const f32 = (b: Buffer) => new Float32Array(b.buffer, b.byteOffset, b.byteLength / 4);
     const multi = readFileSync(out);
     const one = readFileSync(`${out}.one`);
     // the same rank-order sums as on one node: not close, equal
     expect(multi.equals(one)).toBe(true);
-    const got = new Float32Array(multi.buffer, multi.byteOffset, multi.byteLength / 4);
+    const got = f32(multi);
     let off = 0;
     for (const p of golden.prompts) {
       const n = p.ids.length * V;
@@ -59,6 +68,17 @@ describe.each([2, 4])("tp %i over two node processes", (tp) => {
       off += n;
     }
     expect(off).toBe(got.length);
+    // every prompt in one step (a batch of sequences of 1 .. 300 tokens): equal to one process, and golden
+    const batch = readFileSync(`${out}.batch`);
+    expect(batch.equals(readFileSync(`${out}.one.batch`))).toBe(true);
+    expect(batch.length).toBe(multi.length);
+    const b = f32(batch);
+    off = 0;
+    for (const p of golden.prompts) {
+      const n = p.ids.length * V;
+      expect(maxAbsDiff(b.subarray(off, off + n), p.logits), `batched, ${p.ids.length} tokens`).toBeLessThan(1e-3);
+      off += n;
+    }
   });
 
   it("gives the golden greedy ids through ds3 generate (every golden prompt, one batch)", async () => {

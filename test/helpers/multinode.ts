@@ -148,3 +148,42 @@ export function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
     );
   });
 }
+
+/**
+ * A TCP proxy on 127.0.0.1 in front of `target` (HOST:PORT) that holds every chunk it forwards for
+ * a random 0 .. maxDelayMs (in order, per direction): node 1 joining through it sees its collective
+ * parts reach node 0 sometimes before and sometimes after node 0's own ranks are in. `delayed`
+ * counts the chunks it held back.
+ */
+export async function delayingProxy(target: string, maxDelayMs = 4, seed = 1): Promise<{ addr: string; delayed: () => number; close: () => void }> {
+  const i = target.lastIndexOf(":");
+  let x = seed >>> 0 || 1;
+  const rand = () => ((x = (x * 1103515245 + 12345) >>> 0), x / 2 ** 32); // reproducible delays
+  let delayed = 0;
+  const socks = new Set<import("node:net").Socket>();
+  const pipe = (from: import("node:net").Socket, to: import("node:net").Socket) => {
+    let chain = Promise.resolve();
+    from.on("data", (d) => {
+      const ms = Math.floor(rand() * (maxDelayMs + 1));
+      if (ms > 0) delayed++;
+      chain = chain.then(() => new Promise<void>((r) => setTimeout(r, ms))).then(() => void (to.writable && to.write(d)));
+    });
+    from.on("close", () => void chain.then(() => to.destroy()));
+    from.on("error", () => {});
+  };
+  const server = createServer((a) => {
+    const b = connect({ host: target.slice(0, i), port: Number(target.slice(i + 1)) });
+    socks.add(a).add(b);
+    pipe(a, b);
+    pipe(b, a);
+  });
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  return {
+    addr: `127.0.0.1:${(server.address() as { port: number }).port}`,
+    delayed: () => delayed,
+    close: () => {
+      server.close();
+      for (const s of socks) s.destroy();
+    },
+  };
+}

@@ -37,7 +37,7 @@ import { createHash, createHmac, randomBytes, timingSafeEqual } from "node:crypt
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { availableParallelism } from "node:os";
-import { type Server, type Socket, connect, createServer } from "node:net";
+import { type Server, type Socket, connect, createServer, isIPv6 } from "node:net";
 import { deserialize, serialize } from "node:v8";
 import { type BackendOptions, type Precision, requireOps, resolvePrecision } from "./backend.js";
 import { placeRanks } from "./devices.js";
@@ -112,7 +112,16 @@ export function ds3Version(): string {
 /** Parse HOST:PORT (or [IPv6]:PORT), with an error naming the flag. */
 export function parseInitAddr(s: string): { host: string; port: number } {
   const m = /^\[([^\]]+)\]:(\d+)$/.exec(s) ?? /^([^:\s]+):(\d+)$/.exec(s);
-  if (!m) throw new Error(`--dist-init-addr must be HOST:PORT (e.g. 10.0.0.1:5000), got "${s}"`);
+  if (!m) {
+    // an IPv6 address without brackets: its last group would read as the port
+    const i = s.lastIndexOf(":");
+    const withPort = /^\d+$/.test(s.slice(i + 1)) && isIPv6(s.slice(0, i));
+    if (withPort || isIPv6(s)) {
+      const hint = withPort ? `[${s.slice(0, i)}]:${s.slice(i + 1)}` : `[${s}]:PORT`;
+      throw new Error(`--dist-init-addr: an IPv6 address goes in brackets, ${hint}, got "${s}"`);
+    }
+    throw new Error(`--dist-init-addr must be HOST:PORT (e.g. 10.0.0.1:5000), got "${s}"`);
+  }
   const port = Number(m[2]);
   if (!(port >= 1 && port <= 65535)) throw new Error(`--dist-init-addr: port ${m[2]} outside [1, 65535] in "${s}"`);
   return { host: m[1]!, port };
@@ -449,10 +458,10 @@ export class NodeHub implements RankNodes {
         (m) => this.onMessage(p, m),
         (why) => this.lose(p, why),
       );
-      p.onSilent = (why) => {
-        this.lose(p, why);
-        p.wire.close();
-      };
+      // a silent node gets no goodbye: a graceful end to a stopped peer would hold the socket open
+      p.onSilent = (why) => p.wire.end(why);
+      // gone between its welcome and now: lost from the start (its tasks must fail, not wait)
+      if (p.wire.closed) p.lost = "connection lost";
     }
   }
 
@@ -579,7 +588,7 @@ export class NodeHub implements RankNodes {
             }
             w.send({ t: "welcome", heartbeatMs, ...(token !== undefined && { mac: handshakeMac(token, "ds3-welcome", m.nonce, nonce, m.body) }) });
             w.maxFrame = MAX_FRAME;
-            const peer: Peer = { nodeRank: rank, wire: w, requests: new Map(), lost: null, stopBeat: () => {}, onSilent: () => w.close() };
+            const peer: Peer = { nodeRank: rank, wire: w, requests: new Map(), lost: null, stopBeat: () => {}, onSilent: (why) => w.end(why) };
             peer.stopBeat = heartbeat(w, heartbeatMs, (why) => peer.onSilent(why));
             joined.set(rank, peer);
             log(`node ${rank} joined from ${w.peer} (${joined.size} of ${need})`);
@@ -591,11 +600,12 @@ export class NodeHub implements RankNodes {
             } else
               w.handle(
                 () => {},
-                () => {
-                  // gone before the group was complete: it may join again
+                (why) => {
+                  // gone (or silent) before the group was complete: dropped, the node may join again
                   peer.stopBeat();
-                  joined.delete(rank);
+                  if (joined.get(rank) === peer) joined.delete(rank);
                   conns.delete(w);
+                  log(`node 0: ${who} left before the group was complete: ${why}`);
                 },
               );
           },
@@ -628,6 +638,7 @@ export class NodeHub implements RankNodes {
   private request(p: Peer, rank: number, task: RankTask): Promise<RankReply> {
     if (p.lost) return Promise.reject(new Error(p.lost));
     if (this.closed) return Promise.reject(new Error("the node group is closed"));
+    if (p.wire.closed) return Promise.reject(new Error("connection lost"));
     const id = this.nextId++;
     let t: RankTask = task;
     let chunk: number | undefined;
@@ -801,56 +812,69 @@ export async function runNode(o: RunNodeOptions): Promise<void> {
   };
   const deadline = Date.now() + timeoutMs;
   say(`node ${o.nodeRank}: reaching node 0 at ${o.distInitAddr}`);
-  const sock = await reach(o.distInitAddr, deadline, timeoutMs);
-  const w = new Wire(sock, o.distInitAddr);
   const there = `node 0 (${o.distInitAddr})`;
   // the handshake: node 0's challenge, this node's hello (with the MAC when there is a token),
   // node 0's welcome (with its MAC) or reject; what comes right after the welcome waits in `early`
   const early: Msg[] = [];
-  let welcomed = false;
   let heartbeatMs = DEFAULT_HEARTBEAT_MS;
   const token = o.distToken;
-  await new Promise<void>((resolve, reject) => {
-    const t = setTimeout(() => {
-      w.close();
-      reject(new Error(`${there} did not answer this node's hello within ${timeoutMs / 1000} s`));
-    }, Math.max(1_000, deadline - Date.now()));
-    const fail = (e: Error) => {
-      clearTimeout(t);
-      w.close();
-      reject(e);
-    };
-    const mine = randomBytes(32);
-    let theirs: Uint8Array | null = null;
-    let body: Buffer | null = null;
-    w.handle(
-      (m) => {
-        if (welcomed) return void early.push(m);
-        if (m.t === "reject") return fail(new Error(String(m.message)));
-        if (!theirs || !body) {
-          if (m.t !== "challenge" || m.magic !== MAGIC || !(m.nonce instanceof Uint8Array) || m.nonce.length !== 32)
-            return fail(new Error(`${there} is not a ds3 node 0 speaking ${MAGIC}: it sent ${m.t === "challenge" ? `a challenge of protocol ${JSON.stringify(m.magic)}` : `a "${m.t}" message`} first (another ds3 version, or not ds3 at all)`));
-          theirs = m.nonce;
-          body = serialize(me);
-          w.send({ t: "hello", magic: MAGIC, body, nonce: mine, ...(token !== undefined && { mac: handshakeMac(token, "ds3-hello", theirs, mine, body) }) });
-          return;
-        }
-        if (m.t !== "welcome") return fail(new Error(`${there} sent ${m.t} before welcome`));
-        if (token !== undefined && !macMatches(token, m.mac, "ds3-welcome", mine, theirs, body))
-          return fail(new Error(`${there} did not prove the shared secret (--dist-token / DS3_DIST_TOKEN): its token is not this node's, or it is not this group's node 0`));
-        if (!(typeof m.heartbeatMs === "number" && m.heartbeatMs > 0 && Number.isFinite(m.heartbeatMs))) return fail(new Error(`${there} sent a welcome without a heartbeat interval`));
+  function handshake(w: Wire): Promise<{ heartbeatMs: number }> {
+    let welcomed = false;
+    return new Promise<{ heartbeatMs: number }>((resolve, reject) => {
+      const t = setTimeout(() => {
+        w.close();
+        reject(new Error(`${there} did not answer this node's hello within ${timeoutMs / 1000} s`));
+      }, Math.max(1_000, deadline - Date.now()));
+      const fail = (e: Error) => {
         clearTimeout(t);
-        heartbeatMs = m.heartbeatMs;
-        welcomed = true;
-        w.maxFrame = MAX_FRAME;
-        resolve();
-      },
-      (why) => {
-        clearTimeout(t);
-        reject(new Error(`${there}: ${why} during the handshake`));
-      },
-    );
-  });
+        w.close();
+        reject(e);
+      };
+      const mine = randomBytes(32);
+      let theirs: Uint8Array | null = null;
+      let body: Buffer | null = null;
+      w.handle(
+        (m) => {
+          if (welcomed) return void early.push(m);
+          if (m.t === "reject") return fail(new Error(String(m.message)));
+          if (!theirs || !body) {
+            if (m.t !== "challenge" || m.magic !== MAGIC || !(m.nonce instanceof Uint8Array) || m.nonce.length !== 32)
+              return fail(new Error(`${there} is not a ds3 node 0 speaking ${MAGIC}: it sent ${m.t === "challenge" ? `a challenge of protocol ${JSON.stringify(m.magic)}` : `a "${m.t}" message`} first (another ds3 version, or not ds3 at all)`));
+            theirs = m.nonce;
+            body = serialize(me);
+            w.send({ t: "hello", magic: MAGIC, body, nonce: mine, ...(token !== undefined && { mac: handshakeMac(token, "ds3-hello", theirs, mine, body) }) });
+            return;
+          }
+          if (m.t !== "welcome") return fail(new Error(`${there} sent ${m.t} before welcome`));
+          if (token !== undefined && !macMatches(token, m.mac, "ds3-welcome", mine, theirs, body))
+            return fail(new Error(`${there} did not prove the shared secret (--dist-token / DS3_DIST_TOKEN): its token is not this node's, or it is not this group's node 0`));
+          if (!(typeof m.heartbeatMs === "number" && m.heartbeatMs > 0 && Number.isFinite(m.heartbeatMs))) return fail(new Error(`${there} sent a welcome without a heartbeat interval`));
+          clearTimeout(t);
+          welcomed = true;
+          w.maxFrame = MAX_FRAME;
+          resolve({ heartbeatMs: m.heartbeatMs });
+        },
+        (why) => {
+          clearTimeout(t);
+          // the connection went away before node 0 said anything decisive (a reject, a welcome): worth another try
+          reject(Object.assign(new Error(`${there}: ${why} during the handshake`), { retry: /^connection lost/.test(why) }));
+        },
+      );
+    });
+  }
+  // a connection that node 0 drops before its welcome (node 0 restarted, or not yet ready) is retried until the deadline
+  let w!: Wire;
+  for (let wait = 100; ; wait = Math.min(2_000, wait * 2)) {
+    w = new Wire(await reach(o.distInitAddr, deadline, timeoutMs), o.distInitAddr);
+    try {
+      ({ heartbeatMs } = await handshake(w));
+      break;
+    } catch (e) {
+      if (!(e as { retry?: boolean }).retry || Date.now() + wait > deadline) throw e;
+      say(`node ${o.nodeRank}: ${describe(e)}; trying again`);
+      await new Promise((r) => setTimeout(r, wait));
+    }
+  }
   say(`node ${o.nodeRank}: joined ${there} as ranks ${first}..${first + perNode - 1} of ${o.worldSize}; waiting for the load`);
 
   const threads = o.threadsPerRank ?? o.backendOptions?.threads ?? Math.max(1, Math.floor(availableParallelism() / perNode));
@@ -858,10 +882,8 @@ export async function runNode(o: RunNodeOptions): Promise<void> {
   let coll: CollectiveBuffers | null = null;
   let port: CollectivePort | null = null;
   let end: (e: Error | null) => void = () => {};
-  const stopBeat = heartbeat(w, heartbeatMs, (why) => {
-    w.close();
-    end(new Error(`${there}: ${why}`));
-  });
+  // node 0 silent: no goodbye (a graceful end to a stopped peer would hold the socket open); end() follows
+  const stopBeat = heartbeat(w, heartbeatMs, (why) => w.end(why));
   const finished = new Promise<void>((resolve, reject) => {
     let ended = false;
     end = (e) => {
