@@ -181,6 +181,7 @@ export class SharedCollective implements Collective {
     const ctl = new Int32Array(b.ctl);
     Atomics.compareExchange(ctl, ABORT, 0, by);
     Atomics.notify(ctl, GEN);
+    Atomics.notify(ctl, LOCAL_SEQ); // and the node link (CollectivePort.next), at once rather than at its next timeout
   }
 
   /** Ranks now waiting inside a barrier (for error messages: the others are the slow ones). */
@@ -211,6 +212,7 @@ export class SharedCollective implements Collective {
   abort(): void {
     Atomics.compareExchange(this.ctl, ABORT, 0, this.rank + 1);
     Atomics.notify(this.ctl, GEN);
+    Atomics.notify(this.ctl, LOCAL_SEQ);
   }
 
   get aborted(): boolean {
