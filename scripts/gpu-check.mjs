@@ -2,7 +2,10 @@
 // GPU checks of @ds3/backend-cuda, run with plain `node` on a GPU machine over the bundled JS
 // (packages/backend-cuda/build/gpu/ds3.js, made by `pnpm --filter @ds3/backend-cuda bundle:gpu`).
 //
-//   node scripts/gpu-check.mjs [--quick] [--backend cuda|cpu] [--json out.json]
+//   node scripts/gpu-check.mjs [--quick] [--backend cuda|cpu] [--only SECTIONS] [--json out.json]
+//
+// --only golden,modes,graphs,variant,sampling,longk runs only those sections (default: all); e.g.
+// `--only sampling` is step 2 of bench/cuda/device-check.mjs (device sampling = the core Sampler).
 //
 // exact mode (fp32 activations and cache, no TF32), against test/fixtures/*/golden.*:
 //   logits at every position of every prompt within 1e-3; greedy continuations (up to the first
@@ -33,6 +36,14 @@ const args = process.argv.slice(2);
 const quick = args.includes("--quick");
 const backendName = args.includes("--backend") ? args[args.indexOf("--backend") + 1] : "cuda";
 const jsonOut = args.includes("--json") ? args[args.indexOf("--json") + 1] : null;
+const SECTIONS = ["golden", "modes", "graphs", "variant", "sampling", "longk"];
+const only = new Set(args.includes("--only") ? args[args.indexOf("--only") + 1].split(",") : SECTIONS);
+for (const s of only)
+  if (!SECTIONS.includes(s)) {
+    console.error(`--only: unknown section "${s}" (${SECTIONS.join(", ")})`);
+    process.exit(2);
+  }
+const want = (s) => only.has(s);
 const TOL = 1e-3;
 // stated per-op bounds (normwise ||cuda - cpu|| / ||cpu||) on identical inputs
 const OP_BOUND = { exact: 1e-5, bf16: 1e-2, "bf16+fp8": 3e-2, "f32+fp8": 3e-2 };
@@ -56,6 +67,7 @@ const av = provider.available();
 console.log(`backend ${backendName}: ${JSON.stringify(av)}`);
 if (!av.ok) {
   console.log(`SKIP: ${av.reason}`);
+  if (jsonOut) writeFileSync(jsonOut, JSON.stringify({ backend: backendName, status: "not available", reason: av.reason }, null, 1));
   process.exit(backendName === "cuda" ? 3 : 1);
 }
 
@@ -512,21 +524,22 @@ const t0 = Date.now();
 const tuned = backendName === "cuda" ? cuda.create({ precision: MODES.exact }) : null;
 const defaultTune = tuned ? tuned.tune() : null;
 if (tuned) console.log(`GEMV launch settings: ${JSON.stringify(defaultTune)}; CUDA graphs ${process.env.DS3_CUDA_GRAPHS === "0" ? "off" : "on"} by default`);
-for (const name of ["tiny-v3", "tiny-v3-bf16"]) {
+for (const name of want("golden") || want("modes") || want("graphs") ? ["tiny-v3", "tiny-v3-bf16"] : []) {
   const fx = loadFixture(name);
-  try {
-    goldenChecks(fx);
-  } catch (e) {
-    check(`${name} golden checks ran`, false, { error: String(e?.stack ?? e) });
-  }
-  for (const mode of quick ? ["exact", "bf16+fp8"] : Object.keys(MODES)) {
+  if (want("golden"))
+    try {
+      goldenChecks(fx);
+    } catch (e) {
+      check(`${name} golden checks ran`, false, { error: String(e?.stack ?? e) });
+    }
+  for (const mode of !want("modes") ? [] : quick ? ["exact", "bf16+fp8"] : Object.keys(MODES)) {
     try {
       modeChecks(fx, mode);
     } catch (e) {
       check(`${name} ${mode} checks ran`, false, { error: String(e?.stack ?? e) });
     }
   }
-  if (backendName === "cuda" && !args.includes("--no-graphs")) {
+  if (backendName === "cuda" && !args.includes("--no-graphs") && want("graphs")) {
     for (const mode of ["exact", "bf16+fp8"]) {
       try {
         graphChecks(fx, mode);
@@ -538,7 +551,7 @@ for (const name of ["tiny-v3", "tiny-v3-bf16"]) {
 }
 if (backendName === "cuda") {
   // the other GEMV launch variants on the tiny models' op checks (tuning is process-wide)
-  if (!quick) {
+  if (!quick && want("variant")) {
     const alt = { gemvKs: defaultTune.gemvKs ? 0 : 1, gemvDualU: defaultTune.gemvDualU === 2 ? 1 : 2 };
     tuned.tune(alt);
     const fx = loadFixture("tiny-v3");
@@ -553,7 +566,7 @@ if (backendName === "cuda") {
     }
     tuned.tune(defaultTune);
   }
-  for (const [name, fn] of [["sampling", samplingChecks], ["long-K linear", longKChecks]]) {
+  for (const [name, fn] of [["sampling", samplingChecks], ["long-K linear", longKChecks]].filter(([n]) => want(n === "sampling" ? "sampling" : "longk"))) {
     try {
       fn();
     } catch (e) {
@@ -568,5 +581,7 @@ for (const [k, st] of Object.entries(results.ops)) {
   console.log(`  ${k}: ${Object.entries(st).map(([op, s]) => `${op}=${s.maxNormErr.toExponential(1)}${s.idMismatch ? `(ids!${s.idMismatch})` : ""}`).join(" ")}`);
 }
 console.log(`\n${failures === 0 ? "ALL PASS" : `${failures} FAILED`} (${results.checks.length} checks, ${results.seconds.toFixed(1)} s)`);
+results.sections = [...only];
+results.status = failures === 0 && results.checks.length > 0 ? "pass" : "fail";
 if (jsonOut) writeFileSync(jsonOut, JSON.stringify(results, null, 1));
-process.exit(failures === 0 ? 0 : 1);
+process.exit(results.status === "pass" ? 0 : 1);

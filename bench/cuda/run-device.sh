@@ -1,5 +1,13 @@
 #!/usr/bin/env bash
 # Runs the GPU checks and the ds3-4L benchmark on a GPU machine (no Node, no registry there).
+#
+# The GPU check, in one command (packages/backend-cuda/NOTES.md):
+#   here:  bash bench/cuda/prepare-device.sh          (.device/: node, headers, gpu.tar.xz; checked under 64 MiB)
+#   there: bash bench/cuda/run-device.sh all          (carry .device; results in $OUT/gpu-check.json, .log)
+# `all` = bench/cuda/device-check.mjs: conformance (exact, fast), device sampling, NCCL ws 1, the GPU
+# checks, the ds3-4L bench if time is left, inside $DS3_CHECK_BUDGET seconds (default 420).
+#
+# The older, stage-by-stage way:
 # Prepare here:  bash ../shared/tools/device-carry.sh && pnpm --filter @ds3/backend-cuda build && \
 #                pnpm --filter @ds3/backend-cuda bundle:gpu   (+ the CPU reference addon, see NOTES.md)
 #                + bash bench/cuda/build-device.sh --prepare   (napi headers for the NCCL build there)
@@ -11,11 +19,16 @@ set -uo pipefail
 OUT=${OUT:-/tmp/ds3-out}
 mkdir -p "$OUT"
 source .device/setup.sh >/dev/null
+# the bundles and addons prepare-device.sh packed (packages/backend-cuda/build/gpu, build/build/Release)
+if [ -f .device/gpu.tar.xz ]; then
+  tar -xJf .device/gpu.tar.xz && export DS3_CUDA_ADDON=${DS3_CUDA_ADDON:-$PWD/packages/backend-cuda/build/gpu/ds3_cuda.node}
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
 stages=${*:-check bench sanitizer}
 for s in $stages; do
   echo "=== $s $(date +%T)"
   case $s in
+    all) node bench/cuda/device-check.mjs --out "$OUT" --budget "${DS3_CHECK_BUDGET:-420}" ${DS3_CHECK_ARGS:-}; rc_all=$?; echo "device-check exit $rc_all" ;;
     check) timeout 170 node scripts/gpu-check.mjs --json "$OUT/check.json" 2>&1 | tee "$OUT/check.log" | grep -v '^PASS' | tail -45 ;;
     quick) timeout 120 node scripts/gpu-check.mjs --quick --json "$OUT/check.json" 2>&1 | tee "$OUT/check.log" | grep -v '^PASS' | tail -45 ;;
     bench) timeout 280 node bench/cuda/ds3-4L.mjs --out "$OUT/ds3-4L-h100.json" 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
@@ -32,3 +45,4 @@ for s in $stages; do
   esac
 done
 echo "=== done $(date +%T)"
+exit "${rc_all:-0}"
