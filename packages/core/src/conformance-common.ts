@@ -1,6 +1,7 @@
-// Inputs and float64 references shared by the exact and the precision checks of the conformance
-// suite (conformance.ts, conformance-precision.ts).
-import type { HostWeight, OpName, PrecisionName } from "./backend.js";
+// Inputs, float64 references and the op checks shared by the exact and the precision checks of
+// the conformance suite (conformance.ts, conformance-precision.ts).
+import type { BackendContext, BackendProvider, HostWeight, OpName, Precision, PrecisionName, Tensor } from "./backend.js";
+import { roundBf16 } from "./quant.js";
 import { Rng } from "./sampling.js";
 
 export interface ConformanceCheck {
@@ -124,3 +125,266 @@ export function refLinear(x: ArrayLike<number>, T: number, w: ArrayLike<number>,
 }
 
 export const silu = (v: number) => v / (1 + Math.exp(-v));
+
+/** fp32 slack of an op computed in fp32 against its float64 reference (exact mode's bound) */
+export const OP_TOL = 1e-5;
+/** bf16's unit roundoff: the largest relative error of one rounding to nearest */
+export const U_BF16 = 2 ** -8;
+
+/** the bound of an op: fp32 slack plus `roundings` bf16 roundings when activations are bf16 (just `base` in exact mode) */
+export function bound(p: Precision, roundings: number, base = OP_TOL): number {
+  return base + (p.activations === "bf16" ? roundings * U_BF16 : 0);
+}
+
+/** what an op check returns: the op's output and its reference (held normwise to the bound), or a finished check */
+export type OpResult = { got: ArrayLike<number>; ref: ArrayLike<number> } | CheckDraft;
+export type RunOp = (name: string, op: OpName, f: () => OpResult, tol: number) => void;
+
+/**
+ * The op checks of one context at one precision, as both suites draw them: `run` turns each into
+ * a check (an op the backend does not support, or one that throws, fails with the reason);
+ * `vec` draws an activation as the backend holds it, `grid` puts a weight's values where the
+ * backend stores them (both the identity in exact mode).
+ */
+export class OpSuite {
+  readonly out: CheckDraft[] = [];
+  readonly T = 5;
+  readonly D = 96;
+  constructor(
+    readonly ctx: BackendContext,
+    readonly provider: BackendProvider,
+    readonly p: Precision,
+    readonly inp: Inputs,
+    /** where the precision is named in "does not support op X ..." */
+    private readonly where: string,
+    readonly vec: (n: number, scale?: number) => Float32Array,
+    readonly grid: (v: Float32Array) => Float32Array,
+  ) {}
+
+  readonly run: RunOp = (name, op, f, tol) => {
+    if (!this.provider.supports(op, this.p)) {
+      this.out.push({ name, op, ok: false, worst: NaN, tolerance: tol, detail: `backend "${this.provider.name}" does not support op ${op} ${this.where}` });
+      return;
+    }
+    try {
+      this.ctx.beginStep();
+      const r = f();
+      if ("ok" in r) this.out.push(r);
+      else {
+        const worst = normErr(r.got, r.ref);
+        this.out.push({ name, op, ok: worst <= tol, worst, tolerance: tol });
+      }
+    } catch (e) {
+      this.out.push({ name, op, ok: false, worst: NaN, tolerance: tol, detail: e instanceof Error ? e.message : String(e) });
+    }
+  };
+
+  up(x: Float32Array, shape: number[]): Tensor {
+    return this.ctx.upload(x, shape);
+  }
+
+  /**
+   * embed, rmsNorm, linear (an f32 weight, then each of `weights` on the same input), add,
+   * siluMul, concat, slice, rows, rope; returns `a`, the activations the identity collectives
+   * take later. `weights[i].x` is what the reference multiplies (the input as the precision
+   * quantizes it; the input itself if absent).
+   */
+  basicOps(weights: Array<{ name: string; make: (N: number, K: number) => { hw: HostWeight; dense: Float64Array }; x?: (x: Float32Array, T: number, K: number) => ArrayLike<number> }>): Float32Array {
+    const { ctx, inp, p, run, vec, grid, T, D } = this;
+    const up = (x: Float32Array, shape: number[]) => this.up(x, shape);
+    run("embed", "embed", () => {
+      const V = 40;
+      const tab = grid(inp.vec(V * D));
+      const ids = Int32Array.from({ length: 7 }, () => 100 + inp.int(V));
+      const got = ctx.download(ctx.embed(ctx.weight(f32Weight("emb", tab, V, D)), ids, 100));
+      const ref = new Float64Array(ids.length * D);
+      ids.forEach((id, t) => ref.set(tab.subarray((id - 100) * D, (id - 99) * D), t * D));
+      return { got, ref };
+    }, bound(p, 1));
+    run("rmsNorm", "rmsNorm", () => {
+      const x = vec(T * D);
+      const g = grid(Float32Array.from({ length: D }, () => 0.5 + inp.u()));
+      const got = ctx.download(ctx.rmsNorm(up(x, [T, D]), ctx.weight(f32Weight("g", g, 1, D)), 1e-6));
+      const ref = new Float64Array(T * D);
+      for (let t = 0; t < T; t++) {
+        let ss = 0;
+        for (let i = 0; i < D; i++) ss += x[t * D + i]! ** 2;
+        const r = 1 / Math.sqrt(ss / D + 1e-6);
+        for (let i = 0; i < D; i++) ref[t * D + i] = g[i]! * x[t * D + i]! * r;
+      }
+      return { got, ref };
+    }, bound(p, 2));
+    const N = 200;
+    const K = 300;
+    const xl = vec(T * K);
+    run("linear (f32 weight)", "linear", () => {
+      const w = grid(inp.vec(N * K, 0.1));
+      return { got: ctx.download(ctx.linear(up(xl, [T, K]), ctx.weight(f32Weight("w", w, N, K)))), ref: refLinear(xl, T, w, N, K) };
+    }, bound(p, 1));
+    for (const w of weights)
+      run(w.name, "linear", () => {
+        const { hw, dense } = w.make(N, K);
+        return { got: ctx.download(ctx.linear(up(xl, [T, K]), ctx.weight(hw))), ref: refLinear(w.x ? w.x(xl, T, K) : xl, T, dense, N, K) };
+      }, bound(p, 1));
+    const a = vec(T * D);
+    const b = vec(T * D);
+    run("add", "add", () => ({ got: ctx.download(ctx.add(up(a, [T, D]), up(b, [T, D]))), ref: Float64Array.from(a, (v, i) => v + b[i]!) }), bound(p, 1));
+    run("siluMul", "siluMul", () => ({ got: ctx.download(ctx.siluMul(up(a, [T, D]), up(b, [T, D]))), ref: Float64Array.from(a, (v, i) => silu(v) * b[i]!) }), bound(p, 2));
+    run("concat", "concat", () => {
+      const c = vec(T * 32);
+      const ref = new Float64Array(T * (D + 32));
+      for (let t = 0; t < T; t++) {
+        ref.set(a.subarray(t * D, (t + 1) * D), t * (D + 32));
+        ref.set(c.subarray(t * 32, (t + 1) * 32), t * (D + 32) + D);
+      }
+      return { got: ctx.download(ctx.concat(up(a, [T, D]), up(c, [T, 32]))), ref };
+    }, OP_TOL); // copies are exact
+    run("slice", "slice", () => {
+      const ref = new Float64Array(T * 40);
+      for (let t = 0; t < T; t++) ref.set(a.subarray(t * D + 17, t * D + 57), t * 40);
+      return { got: ctx.download(ctx.slice(up(a, [T, D]), 17, 57)), ref };
+    }, OP_TOL);
+    run("rows", "rows", () => {
+      const rows = Int32Array.of(4, 0, 2, 2);
+      const ref = new Float64Array(rows.length * D);
+      rows.forEach((r, i) => ref.set(a.subarray(r * D, (r + 1) * D), i * D));
+      return { got: ctx.download(ctx.rows(up(a, [T, D]), rows)), ref };
+    }, OP_TOL);
+    run("rope (interleaved pairs, rotary part inside the head)", "rope", () => {
+      const H = 2;
+      const hd = 48;
+      const off = 16;
+      const rd = 32;
+      const q = vec(3 * H * hd);
+      const inv = Float32Array.from({ length: rd / 2 }, (_, i) => 1 / 10000 ** ((2 * i) / rd));
+      const pos = Int32Array.of(0, 5, 4000);
+      const got = ctx.download(ctx.rope(up(q, [3, H * hd]), H, hd, off, rd, pos, inv, 1));
+      const ref = Float64Array.from(q);
+      for (let t = 0; t < 3; t++)
+        for (let h = 0; h < H; h++)
+          for (let i = 0; i < rd / 2; i++) {
+            const base = t * H * hd + h * hd + off + 2 * i;
+            const ang = Math.fround(pos[t]! * inv[i]!);
+            const x0 = q[base]!;
+            const x1 = q[base + 1]!;
+            ref[base] = x0 * Math.cos(ang) - x1 * Math.sin(ang);
+            ref[base + 1] = x0 * Math.sin(ang) + x1 * Math.cos(ang);
+          }
+      return { got, ref };
+    }, bound(p, 4, 1e-4)); // float32 angles of position 4000
+    return a;
+  }
+
+  /** mla (see mlaCheck), the identity collectives at world size 1 on `a`, and greedy sampling where the backend samples */
+  lastOps(mlaName: string, a: Float32Array): CheckDraft[] {
+    const { ctx, provider, inp, p, run, vec, T, D } = this;
+    run(mlaName, "mla", () => mlaCheck(ctx, inp, p, vec, this.grid), bound(p, 4));
+    run("allReduce (world size 1: identity)", "allReduce", () => ({ got: ctx.download(ctx.allReduce(this.up(a, [T, D]))), ref: a }), 0);
+    run("allGatherCols (world size 1: identity)", "allGatherCols", () => ({ got: ctx.download(ctx.allGatherCols(this.up(a, [T, D]))), ref: a }), 0);
+    if (provider.supports("sample", p))
+      run("sample (greedy: argmax and its log-softmax)", "sample", () => {
+        if (!ctx.sample) throw new Error(`backend "${provider.name}" says it supports op sample but its context has no sample()`);
+        const V = 1000;
+        const l = vec(3 * V, 3);
+        const r = ctx.sample(this.up(l, [3, V]), Array.from({ length: 3 }, () => ({ temperature: 0, topK: 0, topP: 1, minP: 0 })), new Float64Array(3));
+        const refIds: number[] = [];
+        const refLp: number[] = [];
+        for (let t = 0; t < 3; t++) {
+          const row = l.subarray(t * V, (t + 1) * V);
+          let best = 0;
+          for (let i = 1; i < V; i++) if (row[i]! > row[best]!) best = i;
+          let z = 0;
+          for (let i = 0; i < V; i++) z += Math.exp(row[i]! - row[best]!);
+          refIds.push(best);
+          refLp.push(-Math.log(z));
+        }
+        const bad = refIds.filter((id, t) => r.ids[t] !== id).length;
+        const worst = bad ? Infinity : normErr(r.logprobs, refLp);
+        return { name: "sample (greedy: argmax and its log-softmax)", op: "sample", ok: worst <= 1e-4, worst, tolerance: 1e-4, ...(bad && { detail: `${bad} of 3 ids differ from the argmax` }) };
+      }, 1e-4);
+    return this.out;
+  }
+}
+
+/**
+ * MLA (absorbed, paged cache, two sequences, prefill then decode) against the non-absorbed
+ * float64 formula over the latents as the cache stores them; also what the op wrote into the cache.
+ * `vec` draws q and the latents as the backend holds activations, `grid` the wkv_b weight.
+ */
+export function mlaCheck(ctx: BackendContext, inp: Inputs, p: Precision, vec: (n: number, scale?: number) => Float32Array, grid: (v: Float32Array) => Float32Array): { got: ArrayLike<number>; ref: ArrayLike<number> } {
+  const heads = 2;
+  const nope = 16;
+  const rope = 8;
+  const v = 12;
+  const kvLora = 32;
+  const scale = 1 / Math.sqrt(nope + rope);
+  const bs = 4;
+  const maxBlocks = 3;
+  const stored = (x: number) => (p.cache === "bf16" ? roundBf16(x) : x);
+  const cache = ctx.createCache(1, 8, bs, kvLora + rope, p.cache);
+  const wkvB = grid(inp.vec(heads * (nope + v) * kvLora, 0.2));
+  const W = ctx.weight(f32Weight("wkv_b", wkvB, heads * (nope + v), kvLora));
+  // sequence 0 in blocks 5, 1, 6; sequence 1 in blocks 2, 7
+  const tables = Int32Array.of(5, 1, 6, 2, 7, -1);
+  const lat: Array<Map<number, Float64Array>> = [new Map(), new Map()];
+  const got: number[] = [];
+  const ref: number[] = [];
+  const step = (seqs: number[], positions: number[]) => {
+    const Tn = seqs.length;
+    const q = vec(Tn * heads * (nope + rope));
+    const kv = vec(Tn * kvLora);
+    const pe = vec(Tn * rope);
+    ctx.beginStep();
+    const meta = { positions: Int32Array.from(positions), seqIdx: Int32Array.from(seqs), blockTables: tables, maxBlocks };
+    const y = ctx.download(ctx.mla(ctx.upload(q, [Tn, heads * (nope + rope)]), ctx.upload(kv, [Tn, kvLora]), ctx.upload(pe, [Tn, rope]), W, cache, 0, meta, { heads, nope, rope, v, kvLora, scale }));
+    for (let t = 0; t < Tn; t++) {
+      const c = new Float64Array(kvLora + rope);
+      for (let i = 0; i < kvLora; i++) c[i] = stored(kv[t * kvLora + i]!);
+      for (let i = 0; i < rope; i++) c[kvLora + i] = stored(pe[t * rope + i]!);
+      lat[seqs[t]!]!.set(positions[t]!, c);
+    }
+    for (let t = 0; t < Tn; t++) {
+      const s = seqs[t]!;
+      const ctxPos = [...lat[s]!.keys()].filter((x) => x <= positions[t]!).sort((x, z) => x - z);
+      for (let h = 0; h < heads; h++) {
+        const qh = q.subarray((t * heads + h) * (nope + rope), (t * heads + h + 1) * (nope + rope));
+        const scores = ctxPos.map((pos) => {
+          const c = lat[s]!.get(pos)!;
+          let sc = 0;
+          for (let i = 0; i < nope; i++) {
+            let k = 0; // k_nope = W_uk c
+            for (let j = 0; j < kvLora; j++) k += wkvB[(h * (nope + v) + i) * kvLora + j]! * c[j]!;
+            sc += qh[i]! * k;
+          }
+          for (let i = 0; i < rope; i++) sc += qh[nope + i]! * c[kvLora + i]!;
+          return sc * scale;
+        });
+        const mx = Math.max(...scores);
+        const e = scores.map((x) => Math.exp(x - mx));
+        const z = e.reduce((x, w) => x + w, 0);
+        for (let i = 0; i < v; i++) {
+          let o = 0;
+          ctxPos.forEach((pos, j) => {
+            const c = lat[s]!.get(pos)!;
+            let val = 0; // v = W_uv c
+            for (let k = 0; k < kvLora; k++) val += wkvB[(h * (nope + v) + nope + i) * kvLora + k]! * c[k]!;
+            o += (e[j]! / z) * val;
+          });
+          ref.push(o);
+          got.push(y[t * heads * v + h * v + i]!);
+        }
+      }
+    }
+  };
+  step([0, 0, 0, 0, 0, 1, 1, 1], [0, 1, 2, 3, 4, 0, 1, 2]); // prefill across a block boundary
+  step([1, 0], [3, 5]); // decode both
+  step([0], [6]);
+  // the cache holds every token's [latent, rope key] at its slot
+  for (const [s, m] of lat.entries())
+    for (const [pos, c] of m) {
+      const slot = tables[s * maxBlocks + Math.floor(pos / bs)]! * bs + (pos % bs);
+      const row = ctx.readCache(cache, 0, slot, 1);
+      for (let i = 0; i < c.length; i++) (got.push(row[i]!), ref.push(c[i]!));
+    }
+  return { got, ref };
+}

@@ -25,17 +25,10 @@
 // weights in bf16 loses nothing; the router's inputs are redrawn until every choice has a margin
 // of 0.02, so that no bound-respecting rounding can flip an expert.
 import type { ActQuant, BackendContext, BackendProvider, HostWeight, OpName, Precision, PrecisionName, Tensor } from "./backend.js";
-import { type CheckDraft, f32Weight, fp8e4m3Decode, Inputs, normErr, refLinear, silu } from "./conformance-common.js";
+import { bound, type CheckDraft, f32Weight, fp8e4m3Decode, Inputs, normErr, OpSuite, refLinear, silu, U_BF16 } from "./conformance-common.js";
 import { actQuantDequant, actQuantFormat, E4M3FN, exponentOf, type Fp8Format, fp8Values, roundBf16, roundFp8 } from "./quant.js";
 
-/** bf16's unit roundoff: the largest relative error of one rounding to nearest */
-export const U_BF16 = 2 ** -8;
-const OP_TOL = 1e-5;
-
-/** the bound of an op: fp32 slack plus `roundings` bf16 roundings when activations are bf16 */
-function bound(p: Precision, roundings: number, base = OP_TOL): number {
-  return base + (p.activations === "bf16" ? roundings * U_BF16 : 0);
-}
+export { U_BF16 };
 
 /** the FP8 e4m3fn byte of a value e4m3fn represents exactly (the checkpoints' weight format) */
 const FN_CODE = new Map<number, number>();
@@ -79,12 +72,9 @@ function bf16HostWeight(inp: Inputs, rows: number, cols: number, sigma: number):
 
 const onGrid = (v: Float32Array): Float32Array => v.map(roundBf16);
 
-type Result = { got: ArrayLike<number>; ref: ArrayLike<number> } | CheckDraft;
-
 /** The op checks on one context at a non-exact precision. */
 export function precisionOpChecks(ctx: BackendContext, provider: BackendProvider, p: Precision, seed: number): CheckDraft[] {
   const inp = new Inputs(seed);
-  const out: CheckDraft[] = [];
   const bf = p.activations === "bf16";
   const aq: ActQuant = p.actQuant;
   /** rounding of an activation the CPU backend rounds (the reference's intermediates) */
@@ -92,112 +82,14 @@ export function precisionOpChecks(ctx: BackendContext, provider: BackendProvider
   /** activations as a bf16 backend holds them */
   const act = (v: Float32Array) => (bf ? onGrid(v) : v);
   const vec = (n: number, scale = 1) => act(inp.vec(n, scale));
-  const run = (name: string, op: OpName, f: () => Result, tol: number) => {
-    if (!provider.supports(op, p)) {
-      out.push({ name, op, ok: false, worst: NaN, tolerance: tol, detail: `backend "${provider.name}" does not support op ${op} at activations=${p.activations} cache=${p.cache} actQuant=${p.actQuant}` });
-      return;
-    }
-    try {
-      ctx.beginStep();
-      const r = f();
-      if ("ok" in r) out.push(r);
-      else {
-        const worst = normErr(r.got, r.ref);
-        out.push({ name, op, ok: worst <= tol, worst, tolerance: tol });
-      }
-    } catch (e) {
-      out.push({ name, op, ok: false, worst: NaN, tolerance: tol, detail: e instanceof Error ? e.message : String(e) });
-    }
-  };
-  const up = (x: Float32Array, shape: number[]): Tensor => ctx.upload(x, shape);
-  const T = 5;
-  const D = 96;
-
-  run("embed", "embed", () => {
-    const V = 40;
-    const tab = onGrid(inp.vec(V * D));
-    const ids = Int32Array.from({ length: 7 }, () => 100 + inp.int(V));
-    const got = ctx.download(ctx.embed(ctx.weight(f32Weight("emb", tab, V, D)), ids, 100));
-    const ref = new Float64Array(ids.length * D);
-    ids.forEach((id, t) => ref.set(tab.subarray((id - 100) * D, (id - 99) * D), t * D));
-    return { got, ref };
-  }, bound(p, 1));
-  run("rmsNorm", "rmsNorm", () => {
-    const x = vec(T * D);
-    const g = onGrid(Float32Array.from({ length: D }, () => 0.5 + inp.u()));
-    const got = ctx.download(ctx.rmsNorm(up(x, [T, D]), ctx.weight(f32Weight("g", g, 1, D)), 1e-6));
-    const ref = new Float64Array(T * D);
-    for (let t = 0; t < T; t++) {
-      let ss = 0;
-      for (let i = 0; i < D; i++) ss += x[t * D + i]! ** 2;
-      const r = 1 / Math.sqrt(ss / D + 1e-6);
-      for (let i = 0; i < D; i++) ref[t * D + i] = g[i]! * x[t * D + i]! * r;
-    }
-    return { got, ref };
-  }, bound(p, 2));
-  const N = 200;
-  const K = 300;
-  const xl = vec(T * K);
-  run("linear (f32 weight)", "linear", () => {
-    const w = onGrid(inp.vec(N * K, 0.1));
-    return { got: ctx.download(ctx.linear(up(xl, [T, K]), ctx.weight(f32Weight("w", w, N, K)))), ref: refLinear(xl, T, w, N, K) };
-  }, bound(p, 1));
-  run("linear (bf16 weight)", "linear", () => {
-    const { hw, dense } = bf16HostWeight(inp, N, K, 0.1);
-    return { got: ctx.download(ctx.linear(up(xl, [T, K]), ctx.weight(hw))), ref: refLinear(xl, T, dense, N, K) };
-  }, bound(p, 1));
+  const s = new OpSuite(ctx, provider, p, inp, `at activations=${p.activations} cache=${p.cache} actQuant=${p.actQuant}`, vec, onGrid);
+  const { run, T } = s;
+  const up = (x: Float32Array, shape: number[]): Tensor => s.up(x, shape);
   const quantNote = aq === "none" ? "" : `, activations quantized per 1x128 (${aq})`;
-  run(`linear (fp8 weight, 128x128 block scales, slice inside a block${quantNote})`, "linear", () => {
-    const { hw, dense } = fp8NormalWeight(inp, N, K, 0.06, [100, 50]);
-    const xq = actQuantDequant(xl, T, K, aq);
-    return { got: ctx.download(ctx.linear(up(xl, [T, K]), ctx.weight(hw))), ref: refLinear(xq, T, dense, N, K) };
-  }, bound(p, 1));
-  const a = vec(T * D);
-  const b = vec(T * D);
-  run("add", "add", () => ({ got: ctx.download(ctx.add(up(a, [T, D]), up(b, [T, D]))), ref: Float64Array.from(a, (v, i) => v + b[i]!) }), bound(p, 1));
-  run("siluMul", "siluMul", () => ({ got: ctx.download(ctx.siluMul(up(a, [T, D]), up(b, [T, D]))), ref: Float64Array.from(a, (v, i) => silu(v) * b[i]!) }), bound(p, 2));
-  run("concat", "concat", () => {
-    const c = vec(T * 32);
-    const ref = new Float64Array(T * (D + 32));
-    for (let t = 0; t < T; t++) {
-      ref.set(a.subarray(t * D, (t + 1) * D), t * (D + 32));
-      ref.set(c.subarray(t * 32, (t + 1) * 32), t * (D + 32) + D);
-    }
-    return { got: ctx.download(ctx.concat(up(a, [T, D]), up(c, [T, 32]))), ref };
-  }, OP_TOL);
-  run("slice", "slice", () => {
-    const ref = new Float64Array(T * 40);
-    for (let t = 0; t < T; t++) ref.set(a.subarray(t * D + 17, t * D + 57), t * 40);
-    return { got: ctx.download(ctx.slice(up(a, [T, D]), 17, 57)), ref };
-  }, OP_TOL);
-  run("rows", "rows", () => {
-    const rows = Int32Array.of(4, 0, 2, 2);
-    const ref = new Float64Array(rows.length * D);
-    rows.forEach((r, i) => ref.set(a.subarray(r * D, (r + 1) * D), i * D));
-    return { got: ctx.download(ctx.rows(up(a, [T, D]), rows)), ref };
-  }, OP_TOL);
-  run("rope (interleaved pairs, rotary part inside the head)", "rope", () => {
-    const H = 2;
-    const hd = 48;
-    const off = 16;
-    const rd = 32;
-    const q = vec(3 * H * hd);
-    const inv = Float32Array.from({ length: rd / 2 }, (_, i) => 1 / 10000 ** ((2 * i) / rd));
-    const pos = Int32Array.of(0, 5, 4000);
-    const got = ctx.download(ctx.rope(up(q, [3, H * hd]), H, hd, off, rd, pos, inv, 1));
-    const ref = Float64Array.from(q);
-    for (let t = 0; t < 3; t++)
-      for (let h = 0; h < H; h++)
-        for (let i = 0; i < rd / 2; i++) {
-          const base = t * H * hd + h * hd + off + 2 * i;
-          const ang = Math.fround(pos[t]! * inv[i]!);
-          const x0 = q[base]!;
-          const x1 = q[base + 1]!;
-          ref[base] = x0 * Math.cos(ang) - x1 * Math.sin(ang);
-          ref[base + 1] = x0 * Math.sin(ang) + x1 * Math.cos(ang);
-        }
-    return { got, ref };
-  }, bound(p, 4, 1e-4)); // float32 angles of position 4000, as in exact mode
+  const a = s.basicOps([
+    { name: "linear (bf16 weight)", make: (N, K) => bf16HostWeight(inp, N, K, 0.1) },
+    { name: `linear (fp8 weight, 128x128 block scales, slice inside a block${quantNote})`, make: (N, K) => fp8NormalWeight(inp, N, K, 0.06, [100, 50]), x: (x, T, K) => actQuantDequant(x, T, K, aq) },
+  ]);
 
   // routing (noaux_tc), inputs with a margin at every choice
   const E = 16;
@@ -297,109 +189,7 @@ export function precisionOpChecks(ctx: BackendContext, provider: BackendProvider
     }
     return { got, ref };
   }, bound(p, 4));
-  run(`mla (absorbed, paged ${p.cache} cache, two sequences, prefill then decode)`, "mla", () => mlaCheck(ctx, inp, p), bound(p, 4));
-  run("allReduce (world size 1: identity)", "allReduce", () => ({ got: ctx.download(ctx.allReduce(up(a, [T, D]))), ref: a }), 0);
-  run("allGatherCols (world size 1: identity)", "allGatherCols", () => ({ got: ctx.download(ctx.allGatherCols(up(a, [T, D]))), ref: a }), 0);
-  if (provider.supports("sample", p))
-    run("sample (greedy: argmax and its log-softmax)", "sample", () => {
-      if (!ctx.sample) throw new Error(`backend "${provider.name}" says it supports op sample but its context has no sample()`);
-      const V = 1000;
-      const l = vec(3 * V, 3);
-      const r = ctx.sample(up(l, [3, V]), Array.from({ length: 3 }, () => ({ temperature: 0, topK: 0, topP: 1, minP: 0 })), new Float64Array(3));
-      const refIds: number[] = [];
-      const refLp: number[] = [];
-      for (let t = 0; t < 3; t++) {
-        const row = l.subarray(t * V, (t + 1) * V);
-        let best = 0;
-        for (let i = 1; i < V; i++) if (row[i]! > row[best]!) best = i;
-        let z = 0;
-        for (let i = 0; i < V; i++) z += Math.exp(row[i]! - row[best]!);
-        refIds.push(best);
-        refLp.push(-Math.log(z));
-      }
-      const bad = refIds.filter((id, t) => r.ids[t] !== id).length;
-      const worst = bad ? Infinity : normErr(r.logprobs, refLp);
-      return { name: "sample (greedy: argmax and its log-softmax)", op: "sample", ok: worst <= 1e-4, worst, tolerance: 1e-4, ...(bad && { detail: `${bad} of 3 ids differ from the argmax` }) };
-    }, 1e-4);
-  return out;
-}
-
-/** MLA against the non-absorbed float64 formula over the latents as the cache stores them; also what the op wrote into the cache. */
-function mlaCheck(ctx: BackendContext, inp: Inputs, p: Precision): { got: ArrayLike<number>; ref: ArrayLike<number> } {
-  const heads = 2;
-  const nope = 16;
-  const rope = 8;
-  const v = 12;
-  const kvLora = 32;
-  const scale = 1 / Math.sqrt(nope + rope);
-  const bs = 4;
-  const maxBlocks = 3;
-  const act = (x: Float32Array) => (p.activations === "bf16" ? onGrid(x) : x);
-  const stored = (x: number) => (p.cache === "bf16" ? roundBf16(x) : x);
-  const cache = ctx.createCache(1, 8, bs, kvLora + rope, p.cache);
-  const wkvB = onGrid(inp.vec(heads * (nope + v) * kvLora, 0.2));
-  const W = ctx.weight(f32Weight("wkv_b", wkvB, heads * (nope + v), kvLora));
-  const tables = Int32Array.of(5, 1, 6, 2, 7, -1);
-  const lat: Array<Map<number, Float64Array>> = [new Map(), new Map()];
-  const got: number[] = [];
-  const ref: number[] = [];
-  const step = (seqs: number[], positions: number[]) => {
-    const Tn = seqs.length;
-    const q = act(inp.vec(Tn * heads * (nope + rope)));
-    const kv = act(inp.vec(Tn * kvLora));
-    const pe = act(inp.vec(Tn * rope));
-    ctx.beginStep();
-    const meta = { positions: Int32Array.from(positions), seqIdx: Int32Array.from(seqs), blockTables: tables, maxBlocks };
-    const y = ctx.download(ctx.mla(ctx.upload(q, [Tn, heads * (nope + rope)]), ctx.upload(kv, [Tn, kvLora]), ctx.upload(pe, [Tn, rope]), W, cache, 0, meta, { heads, nope, rope, v, kvLora, scale }));
-    for (let t = 0; t < Tn; t++) {
-      const c = new Float64Array(kvLora + rope);
-      for (let i = 0; i < kvLora; i++) c[i] = stored(kv[t * kvLora + i]!);
-      for (let i = 0; i < rope; i++) c[kvLora + i] = stored(pe[t * rope + i]!);
-      lat[seqs[t]!]!.set(positions[t]!, c);
-    }
-    for (let t = 0; t < Tn; t++) {
-      const s = seqs[t]!;
-      const ctxPos = [...lat[s]!.keys()].filter((x) => x <= positions[t]!).sort((x, z) => x - z);
-      for (let h = 0; h < heads; h++) {
-        const qh = q.subarray((t * heads + h) * (nope + rope), (t * heads + h + 1) * (nope + rope));
-        const scores = ctxPos.map((pos) => {
-          const c = lat[s]!.get(pos)!;
-          let sc = 0;
-          for (let i = 0; i < nope; i++) {
-            let k = 0;
-            for (let j = 0; j < kvLora; j++) k += wkvB[(h * (nope + v) + i) * kvLora + j]! * c[j]!;
-            sc += qh[i]! * k;
-          }
-          for (let i = 0; i < rope; i++) sc += qh[nope + i]! * c[kvLora + i]!;
-          return sc * scale;
-        });
-        const mx = Math.max(...scores);
-        const e = scores.map((x) => Math.exp(x - mx));
-        const z = e.reduce((x, w) => x + w, 0);
-        for (let i = 0; i < v; i++) {
-          let o = 0;
-          ctxPos.forEach((pos, j) => {
-            const c = lat[s]!.get(pos)!;
-            let val = 0;
-            for (let k = 0; k < kvLora; k++) val += wkvB[(h * (nope + v) + nope + i) * kvLora + k]! * c[k]!;
-            o += (e[j]! / z) * val;
-          });
-          ref.push(o);
-          got.push(y[t * heads * v + h * v + i]!);
-        }
-      }
-    }
-  };
-  step([0, 0, 0, 0, 0, 1, 1, 1], [0, 1, 2, 3, 4, 0, 1, 2]);
-  step([1, 0], [3, 5]);
-  step([0], [6]);
-  for (const [s, m] of lat.entries())
-    for (const [pos, c] of m) {
-      const slot = tables[s * maxBlocks + Math.floor(pos / bs)]! * bs + (pos % bs);
-      const row = ctx.readCache(cache, 0, slot, 1);
-      for (let i = 0; i < c.length; i++) (got.push(row[i]!), ref.push(c[i]!));
-    }
-  return { got, ref };
+  return s.lastOps(`mla (absorbed, paged ${p.cache} cache, two sequences, prefill then decode)`, a);
 }
 
 // ---- the quantizers on their grids, exactly ----------------------------------------------------

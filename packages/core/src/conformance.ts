@@ -5,12 +5,12 @@
 // user with other hardware runs and sends back.
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { type BackendContext, type BackendProvider, checkProvider, EXACT, OPS, type OpName, type Precision, PRECISION_NAMES, type PrecisionName, PRECISIONS, REQUIRED_OPS, type Tensor } from "./backend.js";
+import { type BackendContext, type BackendProvider, checkProvider, EXACT, OPS, type Precision, PRECISION_NAMES, type PrecisionName, PRECISIONS, REQUIRED_OPS, type Tensor } from "./backend.js";
 import { drift, goldenFloor, precisionOpChecks, quantizerChecks } from "./conformance-precision.js";
 import { loadConfig } from "./executor.js";
 import { placeRanks } from "./devices.js";
 import { RankExecutor } from "./ranks.js";
-import { bf16Weight, type CheckDraft, type ConformanceCheck, f32Weight, fp8e4m3Decode, fp8Weight, Inputs, normErr, refLinear, silu } from "./conformance-common.js";
+import { bf16Weight, type CheckDraft, type ConformanceCheck, f32Weight, fp8e4m3Decode, fp8Weight, Inputs, normErr, OP_TOL, OpSuite, refLinear, silu } from "./conformance-common.js";
 
 export { type ConformanceCheck, fp8e4m3Decode, normErr };
 
@@ -41,118 +41,18 @@ export interface ConformanceOptions {
   onCheck?: (c: ConformanceCheck) => void;
 }
 
-const OP_TOL = 1e-5;
 const GOLDEN_TOL = 1e-3;
-
 
 /** The op checks on one context (exact mode). */
 function opChecks(ctx: BackendContext, provider: BackendProvider, seed: number): CheckDraft[] {
   const inp = new Inputs(seed);
-  const out: CheckDraft[] = [];
-  const run = (name: string, op: OpName, f: () => { got: ArrayLike<number>; ref: ArrayLike<number> } | CheckDraft, tol = OP_TOL) => {
-    if (!provider.supports(op, EXACT)) {
-      out.push({ name, op, ok: false, worst: NaN, tolerance: tol, detail: `backend "${provider.name}" does not support op ${op} in exact mode` });
-      return;
-    }
-    try {
-      ctx.beginStep();
-      const r = f();
-      if ("ok" in r) out.push(r);
-      else {
-        const worst = normErr(r.got, r.ref);
-        out.push({ name, op, ok: worst <= tol, worst, tolerance: tol });
-      }
-    } catch (e) {
-      out.push({ name, op, ok: false, worst: NaN, tolerance: tol, detail: e instanceof Error ? e.message : String(e) });
-    }
-  };
-  const up = (x: Float32Array, shape: number[]): Tensor => ctx.upload(x, shape);
-  const T = 5;
-  const D = 96;
-
-  run("embed", "embed", () => {
-    const V = 40;
-    const tab = inp.vec(V * D);
-    const ids = Int32Array.from({ length: 7 }, () => 100 + inp.int(V));
-    const got = ctx.download(ctx.embed(ctx.weight(f32Weight("emb", tab, V, D)), ids, 100));
-    const ref = new Float64Array(ids.length * D);
-    ids.forEach((id, t) => ref.set(tab.subarray((id - 100) * D, (id - 99) * D), t * D));
-    return { got, ref };
-  });
-  run("rmsNorm", "rmsNorm", () => {
-    const x = inp.vec(T * D);
-    const g = Float32Array.from({ length: D }, () => 0.5 + inp.u());
-    const got = ctx.download(ctx.rmsNorm(up(x, [T, D]), ctx.weight(f32Weight("g", g, 1, D)), 1e-6));
-    const ref = new Float64Array(T * D);
-    for (let t = 0; t < T; t++) {
-      let ss = 0;
-      for (let i = 0; i < D; i++) ss += x[t * D + i]! ** 2;
-      const r = 1 / Math.sqrt(ss / D + 1e-6);
-      for (let i = 0; i < D; i++) ref[t * D + i] = g[i]! * x[t * D + i]! * r;
-    }
-    return { got, ref };
-  });
-  const N = 200;
-  const K = 300;
-  const xl = inp.vec(T * K);
-  run("linear (f32 weight)", "linear", () => {
-    const w = inp.vec(N * K, 0.1);
-    return { got: ctx.download(ctx.linear(up(xl, [T, K]), ctx.weight(f32Weight("w", w, N, K)))), ref: refLinear(xl, T, w, N, K) };
-  });
-  run("linear (bf16 weight)", "linear", () => {
-    const { hw, dense } = bf16Weight(inp, N, K);
-    return { got: ctx.download(ctx.linear(up(xl, [T, K]), ctx.weight(hw))), ref: refLinear(xl, T, dense, N, K) };
-  });
-  run("linear (fp8 weight, 128x128 block scales, slice inside a block)", "linear", () => {
-    const { hw, dense } = fp8Weight(inp, N, K, [100, 50]);
-    return { got: ctx.download(ctx.linear(up(xl, [T, K]), ctx.weight(hw))), ref: refLinear(xl, T, dense, N, K) };
-  });
-  const a = inp.vec(T * D);
-  const b = inp.vec(T * D);
-  run("add", "add", () => ({ got: ctx.download(ctx.add(up(a, [T, D]), up(b, [T, D]))), ref: Float64Array.from(a, (v, i) => v + b[i]!) }));
-  run("siluMul", "siluMul", () => ({ got: ctx.download(ctx.siluMul(up(a, [T, D]), up(b, [T, D]))), ref: Float64Array.from(a, (v, i) => silu(v) * b[i]!) }));
-  run("concat", "concat", () => {
-    const c = inp.vec(T * 32);
-    const ref = new Float64Array(T * (D + 32));
-    for (let t = 0; t < T; t++) {
-      ref.set(a.subarray(t * D, (t + 1) * D), t * (D + 32));
-      ref.set(c.subarray(t * 32, (t + 1) * 32), t * (D + 32) + D);
-    }
-    return { got: ctx.download(ctx.concat(up(a, [T, D]), up(c, [T, 32]))), ref };
-  });
-  run("slice", "slice", () => {
-    const ref = new Float64Array(T * 40);
-    for (let t = 0; t < T; t++) ref.set(a.subarray(t * D + 17, t * D + 57), t * 40);
-    return { got: ctx.download(ctx.slice(up(a, [T, D]), 17, 57)), ref };
-  });
-  run("rows", "rows", () => {
-    const rows = Int32Array.of(4, 0, 2, 2);
-    const ref = new Float64Array(rows.length * D);
-    rows.forEach((r, i) => ref.set(a.subarray(r * D, (r + 1) * D), i * D));
-    return { got: ctx.download(ctx.rows(up(a, [T, D]), rows)), ref };
-  });
-  run("rope (interleaved pairs, rotary part inside the head)", "rope", () => {
-    const H = 2;
-    const hd = 48;
-    const off = 16;
-    const rd = 32;
-    const q = inp.vec(3 * H * hd);
-    const inv = Float32Array.from({ length: rd / 2 }, (_, i) => 1 / 10000 ** ((2 * i) / rd));
-    const pos = Int32Array.of(0, 5, 4000);
-    const got = ctx.download(ctx.rope(up(q, [3, H * hd]), H, hd, off, rd, pos, inv, 1));
-    const ref = Float64Array.from(q);
-    for (let t = 0; t < 3; t++)
-      for (let h = 0; h < H; h++)
-        for (let p = 0; p < rd / 2; p++) {
-          const base = t * H * hd + h * hd + off + 2 * p;
-          const ang = Math.fround(pos[t]! * inv[p]!);
-          const x0 = q[base]!;
-          const x1 = q[base + 1]!;
-          ref[base] = x0 * Math.cos(ang) - x1 * Math.sin(ang);
-          ref[base + 1] = x0 * Math.sin(ang) + x1 * Math.cos(ang);
-        }
-    return { got, ref };
-  }, 1e-4); // float32 angles of position 4000
+  const s = new OpSuite(ctx, provider, EXACT, inp, "in exact mode", (n, scale) => inp.vec(n, scale), (v) => v);
+  const { run, T } = s;
+  const up = (x: Float32Array, shape: number[]): Tensor => s.up(x, shape);
+  const a = s.basicOps([
+    { name: "linear (bf16 weight)", make: (N, K) => bf16Weight(inp, N, K) },
+    { name: "linear (fp8 weight, 128x128 block scales, slice inside a block)", make: (N, K) => fp8Weight(inp, N, K, [100, 50]) },
+  ]);
 
   // routing: noaux_tc (sigmoid scores, the bias chooses, groups limit, weights renormalized and scaled)
   const E = 16;
@@ -207,7 +107,7 @@ function opChecks(ctx: BackendContext, provider: BackendProvider, seed: number):
     }
     const worst = idErr ? Infinity : normErr(gotW, refW);
     return { name: "moeGate (sigmoid, correction bias, group limit)", op: "moeGate", ok: worst <= OP_TOL, worst, tolerance: OP_TOL, ...(idErr && { detail: `${idErr} routed expert ids differ` }) };
-  });
+   }, OP_TOL);
   run("moeExperts (experts 4..11 of 16 on this rank)", "moeExperts", () => {
     const Dm = 64;
     const I = 48;
@@ -238,110 +138,8 @@ function opChecks(ctx: BackendContext, provider: BackendProvider, seed: number):
         for (let i = 0; i < Dm; i++) ref[t * Dm + i]! += routing[t * 2 * topk + k]! * y[i]!;
       }
     return { got, ref };
-  });
-  run("mla (absorbed, paged cache, two sequences, prefill then decode)", "mla", () => mlaCheck(ctx, inp));
-  run("allReduce (world size 1: identity)", "allReduce", () => ({ got: ctx.download(ctx.allReduce(up(a, [T, D]))), ref: a }), 0);
-  run("allGatherCols (world size 1: identity)", "allGatherCols", () => ({ got: ctx.download(ctx.allGatherCols(up(a, [T, D]))), ref: a }), 0);
-  if (provider.supports("sample", EXACT))
-    run("sample (greedy: argmax and its log-softmax)", "sample", () => {
-      if (!ctx.sample) throw new Error(`backend "${provider.name}" says it supports op sample but its context has no sample()`);
-      const V = 1000;
-      const l = inp.vec(3 * V, 3);
-      const r = ctx.sample(up(l, [3, V]), Array.from({ length: 3 }, () => ({ temperature: 0, topK: 0, topP: 1, minP: 0 })), new Float64Array(3));
-      const refIds: number[] = [];
-      const refLp: number[] = [];
-      for (let t = 0; t < 3; t++) {
-        const row = l.subarray(t * V, (t + 1) * V);
-        let best = 0;
-        for (let i = 1; i < V; i++) if (row[i]! > row[best]!) best = i;
-        let z = 0;
-        for (let i = 0; i < V; i++) z += Math.exp(row[i]! - row[best]!);
-        refIds.push(best);
-        refLp.push(-Math.log(z));
-      }
-      const bad = refIds.filter((id, t) => r.ids[t] !== id).length;
-      const worst = bad ? Infinity : normErr(r.logprobs, refLp);
-      return { name: "sample (greedy: argmax and its log-softmax)", op: "sample", ok: worst <= 1e-4, worst, tolerance: 1e-4, ...(bad && { detail: `${bad} of 3 ids differ from the argmax` }) };
-    }, 1e-4);
-  return out;
-}
-
-/** MLA against the non-absorbed float64 formula; also checks what the op wrote into the cache. */
-function mlaCheck(ctx: BackendContext, inp: Inputs): { got: ArrayLike<number>; ref: ArrayLike<number> } {
-  const heads = 2;
-  const nope = 16;
-  const rope = 8;
-  const v = 12;
-  const kvLora = 32;
-  const scale = 1 / Math.sqrt(nope + rope);
-  const bs = 4;
-  const maxBlocks = 3;
-  const cache = ctx.createCache(1, 8, bs, kvLora + rope, "f32");
-  const wkvB = inp.vec(heads * (nope + v) * kvLora, 0.2);
-  const W = ctx.weight(f32Weight("wkv_b", wkvB, heads * (nope + v), kvLora));
-  // sequence 0 in blocks 5, 1, 6; sequence 1 in blocks 2, 7
-  const tables = Int32Array.of(5, 1, 6, 2, 7, -1);
-  const lat: Array<Map<number, Float64Array>> = [new Map(), new Map()];
-  const got: number[] = [];
-  const ref: number[] = [];
-  const step = (seqs: number[], positions: number[]) => {
-    const Tn = seqs.length;
-    const q = inp.vec(Tn * heads * (nope + rope));
-    const kv = inp.vec(Tn * kvLora);
-    const pe = inp.vec(Tn * rope);
-    ctx.beginStep();
-    const meta = { positions: Int32Array.from(positions), seqIdx: Int32Array.from(seqs), blockTables: tables, maxBlocks };
-    const y = ctx.download(ctx.mla(ctx.upload(q, [Tn, heads * (nope + rope)]), ctx.upload(kv, [Tn, kvLora]), ctx.upload(pe, [Tn, rope]), W, cache, 0, meta, { heads, nope, rope, v, kvLora, scale }));
-    for (let t = 0; t < Tn; t++) {
-      const c = new Float64Array(kvLora + rope);
-      c.set(kv.subarray(t * kvLora, (t + 1) * kvLora));
-      c.set(pe.subarray(t * rope, (t + 1) * rope), kvLora);
-      lat[seqs[t]!]!.set(positions[t]!, c);
-    }
-    for (let t = 0; t < Tn; t++) {
-      const s = seqs[t]!;
-      const ctxPos = [...lat[s]!.keys()].filter((p) => p <= positions[t]!).sort((x, z) => x - z);
-      for (let h = 0; h < heads; h++) {
-        const qh = q.subarray((t * heads + h) * (nope + rope), (t * heads + h + 1) * (nope + rope));
-        const scores = ctxPos.map((p) => {
-          const c = lat[s]!.get(p)!;
-          let sc = 0;
-          for (let i = 0; i < nope; i++) {
-            let k = 0; // k_nope = W_uk c
-            for (let j = 0; j < kvLora; j++) k += wkvB[(h * (nope + v) + i) * kvLora + j]! * c[j]!;
-            sc += qh[i]! * k;
-          }
-          for (let i = 0; i < rope; i++) sc += qh[nope + i]! * c[kvLora + i]!;
-          return sc * scale;
-        });
-        const mx = Math.max(...scores);
-        const e = scores.map((x) => Math.exp(x - mx));
-        const z = e.reduce((x, w) => x + w, 0);
-        for (let i = 0; i < v; i++) {
-          let o = 0;
-          ctxPos.forEach((p, j) => {
-            const c = lat[s]!.get(p)!;
-            let val = 0; // v = W_uv c
-            for (let k = 0; k < kvLora; k++) val += wkvB[(h * (nope + v) + nope + i) * kvLora + k]! * c[k]!;
-            o += (e[j]! / z) * val;
-          });
-          ref.push(o);
-          got.push(y[t * heads * v + h * v + i]!);
-        }
-      }
-    }
-  };
-  step([0, 0, 0, 0, 0, 1, 1, 1], [0, 1, 2, 3, 4, 0, 1, 2]); // prefill across a block boundary
-  step([1, 0], [3, 5]); // decode both
-  step([0], [6]);
-  // the cache holds every token's [latent, rope key] at its slot
-  for (const [s, m] of lat.entries())
-    for (const [p, c] of m) {
-      const slot = tables[s * maxBlocks + Math.floor(p / bs)]! * bs + (p % bs);
-      const row = ctx.readCache(cache, 0, slot, 1);
-      for (let i = 0; i < c.length; i++) (got.push(row[i]!), ref.push(c[i]!));
-    }
-  return { got, ref };
+  }, OP_TOL);
+  return s.lastOps("mla (absorbed, paged cache, two sequences, prefill then decode)", a);
 }
 
 interface GoldenPrompt {
@@ -359,41 +157,68 @@ function readGolden(dir: string): GoldenPrompt[] {
   return g.prompts.map((p) => ({ ids: p.ids, greedy: p.greedy, logits: f32.slice(p.logits_offset / 4, p.logits_offset / 4 + p.logits_shape[0] * p.logits_shape[1]) }));
 }
 
-/** Golden logits (every position) and the first greedy id through worker ranks at world size N. */
-async function goldenCheck(provider: BackendProvider, dir: string, ws: number): Promise<CheckDraft[]> {
-  const name = `${dir.split(/[\\/]/).filter(Boolean).pop()} at world size ${ws}`;
-  const prompts = readGolden(dir);
+/**
+ * Each golden prompt through `ws` worker ranks (at `precision`, or exact mode where absent):
+ * `on.logits` gets the logits of every position, then `on.greedy` the first greedy id the ranks
+ * sample (on the device where the backend samples, else rank 0). Closes the ranks, also when a
+ * callback throws.
+ */
+async function throughRanks(
+  provider: BackendProvider,
+  dir: string,
+  ws: number,
+  prompts: GoldenPrompt[],
+  precision: Precision | undefined,
+  on: { logits: (p: GoldenPrompt, logits: Float32Array) => void; greedy: (p: GoldenPrompt, id: number | undefined) => void },
+): Promise<void> {
   const maxLen = Math.max(...prompts.map((p) => p.ids.length));
   const blockSize = 64;
   const maxBlocks = Math.ceil(maxLen / blockSize);
   let ex: RankExecutor | null = null;
   try {
-    ex = await RankExecutor.create(dir, { backendPackage: provider.entry!, cache: { numBlocks: maxBlocks, blockSize, dtype: "f32" }, worldSize: ws, threadsPerRank: 1, ...(ws > 1 && { shareDevices: placeNeedsSharing(provider, ws) }) });
-    let worst = 0;
-    let wrongIds = 0;
+    ex = await RankExecutor.create(dir, {
+      backendPackage: provider.entry!,
+      ...(precision && { backendOptions: { precision } }),
+      cache: { numBlocks: maxBlocks, blockSize, dtype: precision?.cache ?? "f32" },
+      worldSize: ws,
+      threadsPerRank: 1,
+      ...(ws > 1 && { shareDevices: placeNeedsSharing(provider, ws) }),
+    });
     for (const p of prompts) {
       const L = p.ids.length;
-      const input = {
-        ids: Int32Array.from(p.ids),
-        positions: Int32Array.from({ length: L }, (_, i) => i),
-        seqIdx: new Int32Array(L),
-        blockTables: Int32Array.from({ length: maxBlocks }, (_, i) => i),
-        maxBlocks,
-      };
+      const input = { ids: Int32Array.from(p.ids), positions: Int32Array.from({ length: L }, (_, i) => i), seqIdx: new Int32Array(L), blockTables: Int32Array.from({ length: maxBlocks }, (_, i) => i), maxBlocks };
       const logits = await ex.step({ ...input, logitRows: Int32Array.from({ length: L }, (_, i) => i) });
-      worst = Math.max(worst, logits.length === p.logits.length ? maxAbs(logits, p.logits) : Infinity);
-      // the same step, sampled by the ranks (on the device where the backend samples, else rank 0)
+      on.logits(p, logits);
+      // the same step, sampled by the ranks
       const s = await ex.stepSampled({ ...input, logitRows: Int32Array.of(L - 1) }, { params: [{ temperature: 0, topK: 0, topP: 1, minP: 0 }], u: new Float64Array(1), vocabLimit: logits.length / L });
-      if (s.ids[0] !== p.greedy[0]) wrongIds++;
+      on.greedy(p, s.ids[0]);
     }
+  } finally {
+    await ex?.close();
+  }
+}
+
+const goldenName = (dir: string, ws: number) => `${dir.split(/[\\/]/).filter(Boolean).pop()} at world size ${ws}`;
+
+/** Golden logits (every position) and the first greedy id through worker ranks at world size N. */
+async function goldenCheck(provider: BackendProvider, dir: string, ws: number): Promise<CheckDraft[]> {
+  const name = goldenName(dir, ws);
+  const prompts = readGolden(dir);
+  try {
+    let worst = 0;
+    let wrongIds = 0;
+    await throughRanks(provider, dir, ws, prompts, undefined, {
+      logits: (p, logits) => void (worst = Math.max(worst, logits.length === p.logits.length ? maxAbs(logits, p.logits) : Infinity)),
+      greedy: (p, id) => {
+        if (id !== p.greedy[0]) wrongIds++;
+      },
+    });
     return [
       { name: `${name}: golden logits, every position`, ok: worst <= GOLDEN_TOL, worst, tolerance: GOLDEN_TOL },
       { name: `${name}: greedy ids sampled by the ranks`, ok: wrongIds === 0, worst: wrongIds, tolerance: 0, ...(wrongIds && { detail: `${wrongIds} of ${prompts.length} prompts` }) },
     ];
   } catch (e) {
     return [{ name: `${name}: golden logits, every position`, ok: false, worst: NaN, tolerance: GOLDEN_TOL, detail: e instanceof Error ? e.message : String(e) }];
-  } finally {
-    await ex?.close();
   }
 }
 
@@ -403,43 +228,31 @@ async function goldenCheck(provider: BackendProvider, dir: string, ws: number): 
  * the greedy id only inform (no fixed bound meets these random models: routing flips).
  */
 async function goldenDrift(provider: BackendProvider, dir: string, ws: number, pname: Exclude<PrecisionName, "exact">): Promise<CheckDraft[]> {
-  const name = `${dir.split(/[\\/]/).filter(Boolean).pop()} at world size ${ws}`;
-  const precision = PRECISIONS[pname];
+  const name = goldenName(dir, ws);
   let floor = goldenFloor(pname, true);
   const prompts = readGolden(dir);
-  const maxLen = Math.max(...prompts.map((p) => p.ids.length));
-  const blockSize = 64;
-  const maxBlocks = Math.ceil(maxLen / blockSize);
-  let ex: RankExecutor | null = null;
   try {
     floor = goldenFloor(pname, loadConfig(dir).quantization !== null);
-    ex = await RankExecutor.create(dir, {
-      backendPackage: provider.entry!,
-      backendOptions: { precision },
-      cache: { numBlocks: maxBlocks, blockSize, dtype: precision.cache },
-      worldSize: ws,
-      threadsPerRank: 1,
-      ...(ws > 1 && { shareDevices: placeNeedsSharing(provider, ws) }),
-    });
     let rows = 0;
     const acc = { meanCos: 0, minCos: 1, meanKl: 0, maxKl: 0, top1: 0, maxAbs: 0 };
     let wrongIds = 0;
-    for (const p of prompts) {
-      const L = p.ids.length;
-      const input = { ids: Int32Array.from(p.ids), positions: Int32Array.from({ length: L }, (_, i) => i), seqIdx: new Int32Array(L), blockTables: Int32Array.from({ length: maxBlocks }, (_, i) => i), maxBlocks };
-      const logits = await ex.step({ ...input, logitRows: Int32Array.from({ length: L }, (_, i) => i) });
-      if (logits.length !== p.logits.length) throw new Error(`${logits.length} logits for ${p.logits.length} golden values`);
-      const d = drift(logits, p.logits, L, logits.length / L);
-      acc.meanCos += d.meanCos * L;
-      acc.meanKl += d.meanKl * L;
-      acc.minCos = Math.min(acc.minCos, d.minCos);
-      acc.maxKl = Math.max(acc.maxKl, d.maxKl);
-      acc.top1 += d.top1;
-      acc.maxAbs = Math.max(acc.maxAbs, d.maxAbs);
-      rows += L;
-      const s = await ex.stepSampled({ ...input, logitRows: Int32Array.of(L - 1) }, { params: [{ temperature: 0, topK: 0, topP: 1, minP: 0 }], u: new Float64Array(1), vocabLimit: logits.length / L });
-      if (s.ids[0] !== p.greedy[0]) wrongIds++;
-    }
+    await throughRanks(provider, dir, ws, prompts, PRECISIONS[pname], {
+      logits: (p, logits) => {
+        const L = p.ids.length;
+        if (logits.length !== p.logits.length) throw new Error(`${logits.length} logits for ${p.logits.length} golden values`);
+        const d = drift(logits, p.logits, L, logits.length / L);
+        acc.meanCos += d.meanCos * L;
+        acc.meanKl += d.meanKl * L;
+        acc.minCos = Math.min(acc.minCos, d.minCos);
+        acc.maxKl = Math.max(acc.maxKl, d.maxKl);
+        acc.top1 += d.top1;
+        acc.maxAbs = Math.max(acc.maxAbs, d.maxAbs);
+        rows += L;
+      },
+      greedy: (p, id) => {
+        if (id !== p.greedy[0]) wrongIds++;
+      },
+    });
     const meanCos = acc.meanCos / rows;
     const metrics = { meanCos, minCos: acc.minCos, meanKl: acc.meanKl / rows, maxKl: acc.maxKl, top1: acc.top1 / rows, maxAbs: acc.maxAbs };
     const f = (x: number) => x.toPrecision(4);
@@ -458,8 +271,6 @@ async function goldenDrift(provider: BackendProvider, dir: string, ws: number, p
     ];
   } catch (e) {
     return [{ name: `${name}: golden logits, mean cosine similarity over every position`, ok: false, worst: NaN, tolerance: floor, bound: "min", detail: e instanceof Error ? e.message : String(e) }];
-  } finally {
-    await ex?.close();
   }
 }
 
