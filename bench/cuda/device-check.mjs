@@ -38,6 +38,13 @@ if (!(budget > 0) || !(scale > 0) || !["cuda", "cpu"].includes(harness)) {
   process.exit(2);
 }
 const B = ["--backend", harness];
+const STEP_NAMES = ["conformance-exact", "conformance-fast", "sampling", "nccl", "gpu-check", "bench"];
+const only = opt("--steps", null)?.split(",");
+for (const n of only ?? [])
+  if (!STEP_NAMES.includes(n)) {
+    console.error(`--steps: unknown step "${n}" (${STEP_NAMES.join(", ")})`);
+    process.exit(2);
+  }
 const tmp = "/tmp/ds3-device-check";
 rmSync(tmp, { recursive: true, force: true });
 mkdirSync(tmp, { recursive: true });
@@ -85,11 +92,6 @@ const STEPS = [
   ["gpu-check", "scripts/gpu-check.mjs", [...B, "--quick", "--only", "golden,modes,graphs,variant,longk", "--json", J("gpu-check")].filter((a) => harness === "cpu" || a !== "--quick"), 170, 40],
   ["bench", "bench/cuda/ds3-4L.mjs", ["--out", benchOut], 200, 90],
 ];
-const only = opt("--steps", null)?.split(",");
-for (const n of only ?? []) if (!STEPS.some((s) => s[0] === n)) {
-  console.error(`--steps: unknown step "${n}" (${STEPS.map((s) => s[0]).join(", ")})`);
-  process.exit(2);
-}
 
 // NCCL variant of the addon, built on this machine (CMake + nvcc + NCCL here) while the GPU steps run
 let ncclBuild = null;
