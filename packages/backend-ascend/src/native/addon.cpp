@@ -553,6 +553,24 @@ class Ctx : public Napi::ObjectWrap<Ctx> {
     OP(aclnnMuls, x, s, o);
     return out;
   }
+  TV silu(const TV& a) {  // in the activation dtype
+    TV out = fresh(a.dims, act_);
+    Descs d;
+    auto x = d(a);
+    auto o = d(out);
+    OP(aclnnSilu, x, o);
+    return out;
+  }
+  TV cat(const TV& a, const TV& b, aclDataType dt) {  // [T, A] ++ [T, B] -> [T, A + B]
+    TV out = fresh({a.dims[0], a.dims[1] + b.dims[1]}, dt);
+    Descs d;
+    auto x = d(a);
+    auto y = d(b);
+    auto l = d.list({x, y});
+    auto o = d(out);
+    OP(aclnnCat, l, int64_t(1), o);
+    return out;
+  }
   TV softmax(const TV& a) {
     TV out = fresh(a.dims, a.dt);
     Descs d;
@@ -947,28 +965,14 @@ Napi::Value Ctx::Add(const Napi::CallbackInfo& info) {
 Napi::Value Ctx::SiluMul(const Napi::CallbackInfo& info) {
   GUARD_BEGIN
   TV g = tvOf(info[0]), u = tvOf(info[1]);
-  TV s = fresh(g.dims, act_);
-  {
-    Descs d;
-    auto a = d(g);
-    auto o = d(s);
-    OP(aclnnSilu, a, o);
-  }
-  return jsOf(info.Env(), mul(s, u, g.dims));
+  return jsOf(info.Env(), mul(silu(g), u, g.dims));
   GUARD_END
 }
 
 Napi::Value Ctx::Concat(const Napi::CallbackInfo& info) {
   GUARD_BEGIN
   TV a = tvOf(info[0]), b = tvOf(info[1]);
-  TV out = fresh({a.dims[0], a.dims[1] + b.dims[1]}, act_);
-  Descs d;
-  auto x = d(a);
-  auto y = d(b);
-  auto l = d.list({x, y});
-  auto o = d(out);
-  OP(aclnnCat, l, int64_t(1), o);
-  return jsOf(info.Env(), out);
+  return jsOf(info.Env(), cat(a, b, act_));
   GUARD_END
 }
 
@@ -1204,15 +1208,7 @@ Napi::Value Ctx::MoeGate(const Napi::CallbackInfo& info) {
     }
     if (rs != 1.0f) w = muls(w, rs);
   }
-  TV idf = cast(idx, ACL_FLOAT);
-  TV out = fresh({T, 2 * k}, ACL_FLOAT);
-  Descs d;
-  auto a = d(w);
-  auto bb = d(idf);
-  auto l = d.list({a, bb});
-  auto o = d(out);
-  OP(aclnnCat, l, int64_t(1), o);
-  return jsOf(info.Env(), out);
+  return jsOf(info.Env(), cat(w, cast(idx, ACL_FLOAT), ACL_FLOAT));  // [T, 2k]: weights, then ids
   GUARD_END
 }
 
@@ -1268,14 +1264,7 @@ Napi::Value Ctx::MoeExperts(const Napi::CallbackInfo& info) {
   };
   TV h1 = gmm(xs, ex.w1.view({E, D, I}, {I * D, 1, D}), I);
   TV h3 = gmm(xs, ex.w3.view({E, D, I}, {I * D, 1, D}), I);
-  TV s = fresh({M, I}, act_);
-  {
-    Descs d;
-    auto a = d(h1);
-    auto o = d(s);
-    OP(aclnnSilu, a, o);
-  }
-  TV h = mul(s, h3, {M, I});
+  TV h = mul(silu(h1), h3, {M, I});
   TV h2 = gmm(h, ex.w2.view({E, I, D}, {D * I, 1, I}), D);
   TV out = fresh({T, D}, act_);
   {
