@@ -291,21 +291,30 @@ void launch_gemv(cudaStream_t s, const GemmArgs& a, int wtype, bool dual, int sl
   }
 }
 
-// ---- SIMT tiled GEMM (fp32, exact) ----------------------------------------------------------------------
-template <int WT>
-__global__ void __launch_bounds__(256) simt_kernel(const GemmArgs p) {
-  constexpr int BK = 16;
-  __shared__ float As[BK][SIMT_BM + 4];
-  __shared__ float Bs[BK][SIMT_BN + 4];
-  int e = 0, off = 0, cnt = p.M, mt = blockIdx.y;
+// The rows of this block's M tile (simt_kernel, tc_kernel, mfma_kernel): a grouped (MoE) launch maps blockIdx.y
+// to a tile of an expert's slot (expert e, its rows off .. off + cnt, tile mt of them); a plain launch is expert 0,
+// rows 0 .. M, tile blockIdx.y. False: blockIdx.y is past the grouped launch's tile count (nothing to do).
+__device__ __forceinline__ bool gemm_tile(const GemmArgs& p, int& e, int& off, int& cnt, int& mt) {
+  e = 0, off = 0, cnt = p.M, mt = blockIdx.y;
   if (p.g.nTiles) {
-    if (int(blockIdx.y) >= __ldg(p.g.nTiles)) return;
+    if (int(blockIdx.y) >= __ldg(p.g.nTiles)) return false;
     const int slot = p.g.tileSlot[blockIdx.y];
     mt = p.g.tileM[blockIdx.y];
     e = p.g.slotExpert[slot];
     off = p.g.slotOff[slot];
     cnt = p.g.slotCnt[slot];
   }
+  return true;
+}
+
+// ---- SIMT tiled GEMM (fp32, exact) ----------------------------------------------------------------------
+template <int WT>
+__global__ void __launch_bounds__(256) simt_kernel(const GemmArgs p) {
+  constexpr int BK = 16;
+  __shared__ float As[BK][SIMT_BM + 4];
+  __shared__ float Bs[BK][SIMT_BN + 4];
+  int e, off, cnt, mt;
+  if (!gemm_tile(p, e, off, cnt, mt)) return;
   const int rbase = mt * SIMT_BM;
   if (rbase >= cnt) return;
   const WDesc w = p.wtab[e * p.wstride + p.woff];
@@ -373,6 +382,17 @@ void launch_simt(cudaStream_t s, const GemmArgs& a, int wtype, int mtiles, int z
 }
 
 // ---- tensor cores -------------------------------------------------------------------------------------------
+// sums the split-K partials in a fixed order (deterministic), then rounds (tc_kernel's and mfma_kernel's split-K)
+__global__ void splitk_reduce_kernel(const float* __restrict__ ws, int splits, int M, int N, float* __restrict__ y, int64_t ldy, int round) {
+  const int64_t n = int64_t(M) * N;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int z = 0; z < splits; z++) v += ws[z * n + i];
+    const int64_t r = i / N, c = i - r * N;
+    y[r * ldy + c] = maybe_bf16(v, round);
+  }
+}
+
 #if defined(DS3_HAVE_MMA)
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -436,15 +456,8 @@ __global__ void __launch_bounds__(256, 2) tc_kernel(const GemmArgs p) {
   uint8_t* sA = smem;
   uint8_t* sB = smem + C::NST * C::A_STAGE;
 
-  int e = 0, off = 0, cnt = p.M, mt = blockIdx.y;
-  if (p.g.nTiles) {
-    if (int(blockIdx.y) >= __ldg(p.g.nTiles)) return;
-    const int slot = p.g.tileSlot[blockIdx.y];
-    mt = p.g.tileM[blockIdx.y];
-    e = p.g.slotExpert[slot];
-    off = p.g.slotOff[slot];
-    cnt = p.g.slotCnt[slot];
-  }
+  int e, off, cnt, mt;
+  if (!gemm_tile(p, e, off, cnt, mt)) return;
   const int rbase = mt * TC_BM;
   if (rbase >= cnt) return;
   const WDesc w = p.wtab[e * p.wstride + p.woff];
@@ -629,17 +642,6 @@ __global__ void __launch_bounds__(256, 2) tc_kernel(const GemmArgs p) {
     }
 }
 
-// sums the split-K partials in a fixed order (deterministic), then rounds
-__global__ void splitk_reduce_kernel(const float* __restrict__ ws, int splits, int M, int N, float* __restrict__ y, int64_t ldy, int round) {
-  const int64_t n = int64_t(M) * N;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    float v = 0.f;
-    for (int z = 0; z < splits; z++) v += ws[z * n + i];
-    const int64_t r = i / N, c = i - r * N;
-    y[r * ldy + c] = maybe_bf16(v, round);
-  }
-}
-
 template <bool FP8A, bool WBF16>
 static void tc_go(cudaStream_t s, const GemmArgs& a, int mtiles) {
   using C = TcCfg<FP8A, WBF16>;
@@ -687,15 +689,8 @@ template <int AF, bool WBF16>
 __global__ void __launch_bounds__(256) mfma_kernel(const GemmArgs p) {
   __shared__ __align__(16) uint16_t sA[MF_BM * MF_LD];
   __shared__ __align__(16) uint16_t sB[MF_BN * MF_LD];
-  int e = 0, off = 0, cnt = p.M, mt = blockIdx.y;
-  if (p.g.nTiles) {
-    if (int(blockIdx.y) >= __ldg(p.g.nTiles)) return;
-    const int slot = p.g.tileSlot[blockIdx.y];
-    mt = p.g.tileM[blockIdx.y];
-    e = p.g.slotExpert[slot];
-    off = p.g.slotOff[slot];
-    cnt = p.g.slotCnt[slot];
-  }
+  int e, off, cnt, mt;
+  if (!gemm_tile(p, e, off, cnt, mt)) return;
   const int rbase = mt * MF_BM;
   if (rbase >= cnt) return;
   const WDesc w = p.wtab[e * p.wstride + p.woff];
@@ -804,24 +799,13 @@ __global__ void __launch_bounds__(256) mfma_kernel(const GemmArgs p) {
   }
 }
 
-__global__ void mfma_splitk_reduce_kernel(const float* __restrict__ ws, int splits, int M, int N, float* __restrict__ y, int64_t ldy,
-                                          int round) {
-  const int64_t n = int64_t(M) * N;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    float v = 0.f;
-    for (int z = 0; z < splits; z++) v += ws[z * n + i];
-    const int64_t r = i / N, c = i - r * N;
-    y[r * ldy + c] = maybe_bf16(v, round);
-  }
-}
-
 template <int AF, bool WBF16>
 static void mfma_go(cudaStream_t s, const GemmArgs& a, int mtiles) {
   dim3 grid((a.N + MF_BN - 1) / MF_BN, mtiles, a.splits);
   mfma_kernel<AF, WBF16><<<grid, 256, 0, s>>>(a);
   if (a.splits > 1) {
     const int64_t n = int64_t(a.M) * a.N;
-    mfma_splitk_reduce_kernel<<<int(std::min<int64_t>((n + 255) / 256, 1 << 20)), 256, 0, s>>>(a.ws, a.splits, a.M, a.N, a.y, a.ldy, a.round);
+    splitk_reduce_kernel<<<int(std::min<int64_t>((n + 255) / 256, 1 << 20)), 256, 0, s>>>(a.ws, a.splits, a.M, a.N, a.y, a.ldy, a.round);
   }
 }
 static_assert(MF_BM == TC_BM && MF_BN == TC_BN && MF_BK == TC_BK, "the addon sizes grids and split-K with the TC_* tiles");
