@@ -140,6 +140,39 @@ export function bound(p: Precision, roundings: number, base = OP_TOL): number {
 export type OpResult = { got: ArrayLike<number>; ref: ArrayLike<number> } | CheckDraft;
 export type RunOp = (name: string, op: OpName, f: () => OpResult, tol: number) => void;
 
+/** the router of the moeGate checks: 16 experts in 4 groups, the 2 best groups kept, top-4, inputs of width 32 */
+export const GATE = { E: 16, G: 4, TG: 2, topk: 4, Dg: 32 } as const;
+
+/**
+ * noaux_tc routing of one token in float64 (sigmoid scores, the bias chooses, group limit by the sum
+ * of each group's top 2, weights renormalized and scaled by 2.5), and the margin of its closest
+ * choice (the group and expert choices' smallest gap to the first one left out).
+ */
+export function routeRef(x: ArrayLike<number>, gw: ArrayLike<number>, bias: ArrayLike<number>): { ids: number[]; wts: number[]; margin: number } {
+  const { E, G, TG, topk, Dg } = GATE;
+  const sc = Array.from({ length: E }, (_, e) => {
+    let s = 0;
+    for (let i = 0; i < Dg; i++) s += x[i]! * gw[e * Dg + i]!;
+    return 1 / (1 + Math.exp(-s));
+  });
+  const ch = sc.map((s, e) => s + bias[e]!);
+  const per = E / G;
+  const gs = Array.from({ length: G }, (_, g) =>
+    ch
+      .slice(g * per, (g + 1) * per)
+      .sort((u, v) => v - u)
+      .slice(0, 2)
+      .reduce((u, v) => u + v, 0),
+  );
+  const order = [...gs.keys()].sort((u, v) => gs[v]! - gs[u]!);
+  const groups = order.slice(0, TG);
+  const cand = [...ch.keys()].filter((e) => groups.includes(Math.floor(e / per))).sort((u, v) => ch[v]! - ch[u]!);
+  const margin = Math.min(gs[order[TG - 1]!]! - gs[order[TG]!]!, ch[cand[topk - 1]!]! - ch[cand[topk]!]!);
+  const ids = cand.slice(0, topk);
+  const sum = ids.reduce((u, e) => u + sc[e]!, 0);
+  return { ids, wts: ids.map((e) => (sc[e]! / sum) * 2.5), margin };
+}
+
 /**
  * The op checks of one context at one precision, as both suites draw them: `run` turns each into
  * a check (an op the backend does not support, or one that throws, fails with the reason);
@@ -273,6 +306,44 @@ export class OpSuite {
       return { got, ref };
     }, bound(p, 4, 1e-4)); // float32 angles of position 4000
     return a;
+  }
+
+  /** moeGate on 6 tokens `xg` (gate `gw`, correction `bias`; GATE's router) against routeRef: the ids per token as sets (the order of equal picks is free), the weights matched to their ids */
+  moeGate(name: string, xg: Float32Array, gw: Float32Array, bias: Float32Array): void {
+    const { ctx, p } = this;
+    const { E, G, TG, topk, Dg } = GATE;
+    const tol = bound(p, 2);
+    this.run(name, "moeGate", () => {
+      const cfg = { topk, nGroups: G, topkGroups: TG, scoreFunc: "sigmoid" as const, normTopk: true, routeScale: 2.5 };
+      const got = ctx.download(ctx.moeGate(this.up(xg, [6, Dg]), ctx.weight(f32Weight("gate", gw, E, Dg)), bias, cfg));
+      const gotW: number[] = [];
+      const refW: number[] = [];
+      let idErr = 0;
+      for (let t = 0; t < 6; t++) {
+        const r = routeRef(xg.subarray(t * Dg, (t + 1) * Dg), gw, bias);
+        const g = Array.from({ length: topk }, (_, k) => ({ id: got[t * 2 * topk + topk + k]!, w: got[t * 2 * topk + k]! })).sort((u, v) => u.id - v.id);
+        const f = r.ids.map((id, k) => ({ id, w: r.wts[k]! })).sort((u, v) => u.id - v.id);
+        g.forEach((x, k) => {
+          if (x.id !== f[k]!.id) idErr++;
+          gotW.push(x.w);
+          refW.push(f[k]!.w);
+        });
+      }
+      const worst = idErr ? Infinity : normErr(gotW, refW);
+      return { name, op: "moeGate", ok: worst <= tol, worst, tolerance: tol, ...(idErr && { detail: `${idErr} routed expert ids differ` }) };
+    }, tol);
+  }
+
+  /** moeExperts' routing [T, 2 * topk]: per token `topk` distinct experts of 16, weights in [0.1, 1.1) */
+  routing(topk: number): Float32Array {
+    const { inp, T } = this;
+    const routing = new Float32Array(T * 2 * topk);
+    for (let t = 0; t < T; t++) {
+      const picked = new Set<number>();
+      while (picked.size < topk) picked.add(inp.int(16));
+      [...picked].forEach((e, k) => ((routing[t * 2 * topk + k] = 0.1 + inp.u()), (routing[t * 2 * topk + topk + k] = e)));
+    }
+    return routing;
   }
 
   /** mla (see mlaCheck), the identity collectives at world size 1 on `a`, and greedy sampling where the backend samples */

@@ -25,7 +25,7 @@
 // weights in bf16 loses nothing; the router's inputs are redrawn until every choice has a margin
 // of 0.02, so that no bound-respecting rounding can flip an expert.
 import type { ActQuant, BackendContext, BackendProvider, HostWeight, OpName, Precision, PrecisionName, Tensor } from "./backend.js";
-import { bound, type CheckDraft, f32Weight, fp8e4m3Decode, Inputs, normErr, OpSuite, refLinear, silu, U_BF16 } from "./conformance-common.js";
+import { bound, type CheckDraft, f32Weight, fp8e4m3Decode, GATE, Inputs, OpSuite, refLinear, routeRef, silu, U_BF16 } from "./conformance-common.js";
 import { actQuantDequant, actQuantFormat, E4M3FN, exponentOf, type Fp8Format, fp8Values, roundBf16, roundFp8 } from "./quant.js";
 
 export { U_BF16 };
@@ -92,67 +92,20 @@ export function precisionOpChecks(ctx: BackendContext, provider: BackendProvider
   ]);
 
   // routing (noaux_tc), inputs with a margin at every choice
-  const E = 16;
-  const G = 4;
-  const TG = 2;
-  const topk = 4;
-  const Dg = 32;
+  const { E, topk, Dg } = GATE;
   const gw = onGrid(inp.vec(E * Dg, 0.3));
   const bias = inp.vec(E, 0.2);
-  const route = (x: ArrayLike<number>) => {
-    const sc = Array.from({ length: E }, (_, e) => {
-      let s = 0;
-      for (let i = 0; i < Dg; i++) s += x[i]! * gw[e * Dg + i]!;
-      return 1 / (1 + Math.exp(-s));
-    });
-    const ch = sc.map((s, e) => s + bias[e]!);
-    const per = E / G;
-    const gs = Array.from({ length: G }, (_, g) =>
-      ch
-        .slice(g * per, (g + 1) * per)
-        .sort((u, v) => v - u)
-        .slice(0, 2)
-        .reduce((u, v) => u + v, 0),
-    );
-    const order = [...gs.keys()].sort((u, v) => gs[v]! - gs[u]!);
-    const groups = order.slice(0, TG);
-    const cand = [...ch.keys()].filter((e) => groups.includes(Math.floor(e / per))).sort((u, v) => ch[v]! - ch[u]!);
-    const margin = Math.min(gs[order[TG - 1]!]! - gs[order[TG]!]!, ch[cand[topk - 1]!]! - ch[cand[topk]!]!);
-    const ids = cand.slice(0, topk);
-    const sum = ids.reduce((u, e) => u + sc[e]!, 0);
-    return { ids, wts: ids.map((e) => (sc[e]! / sum) * 2.5), margin };
-  };
   const xg = new Float32Array(6 * Dg);
   for (let t = 0; t < 6; t++)
     for (let tries = 0; ; tries++) {
       const x = vec(Dg);
-      if (route(x).margin >= 0.02) {
+      if (routeRef(x, gw, bias).margin >= 0.02) {
         xg.set(x, t * Dg);
         break;
       }
       if (tries > 1000) throw new Error("conformance: no router input with a 0.02 margin found"); // never with this seed
     }
-  const gateName = "moeGate (sigmoid, correction bias, group limit; inputs with a 0.02 margin at every choice)";
-  run(gateName, "moeGate", () => {
-    const cfg = { topk, nGroups: G, topkGroups: TG, scoreFunc: "sigmoid" as const, normTopk: true, routeScale: 2.5 };
-    const got = ctx.download(ctx.moeGate(up(xg, [6, Dg]), ctx.weight(f32Weight("gate", gw, E, Dg)), bias, cfg));
-    const gotW: number[] = [];
-    const refW: number[] = [];
-    let idErr = 0;
-    for (let t = 0; t < 6; t++) {
-      const r = route(xg.subarray(t * Dg, (t + 1) * Dg));
-      const g = Array.from({ length: topk }, (_, k) => ({ id: got[t * 2 * topk + topk + k]!, w: got[t * 2 * topk + k]! })).sort((u, v) => u.id - v.id);
-      const f = r.ids.map((id, k) => ({ id, w: r.wts[k]! })).sort((u, v) => u.id - v.id);
-      g.forEach((x, k) => {
-        if (x.id !== f[k]!.id) idErr++;
-        gotW.push(x.w);
-        refW.push(f[k]!.w);
-      });
-    }
-    const tol = bound(p, 2);
-    const worst = idErr ? Infinity : normErr(gotW, refW);
-    return { name: gateName, op: "moeGate", ok: worst <= tol, worst, tolerance: tol, ...(idErr && { detail: `${idErr} routed expert ids differ` }) };
-  }, bound(p, 2));
+  s.moeGate("moeGate (sigmoid, correction bias, group limit; inputs with a 0.02 margin at every choice)", xg, gw, bias);
 
   run(`moeExperts (FP8 experts 4..11 of 16 on this rank${quantNote})`, "moeExperts", () => {
     const Dm = 256;
@@ -166,12 +119,7 @@ export function precisionOpChecks(ctx: BackendContext, provider: BackendProvider
       w3: fp8NormalWeight(inp, I, Dm, 1 / Math.sqrt(Dm)),
     }));
     const set = ctx.expertSet(first, ws.map((e) => ({ w1: ctx.weight(e.w1.hw), w2: ctx.weight(e.w2.hw), w3: ctx.weight(e.w3.hw) })));
-    const routing = new Float32Array(T * 2 * topk);
-    for (let t = 0; t < T; t++) {
-      const picked = new Set<number>();
-      while (picked.size < topk) picked.add(inp.int(16));
-      [...picked].forEach((e, k) => ((routing[t * 2 * topk + k] = 0.1 + inp.u()), (routing[t * 2 * topk + topk + k] = e)));
-    }
+    const routing = s.routing(topk);
     const got = ctx.download(ctx.moeExperts(up(x, [T, Dm]), set, up(routing, [T, 2 * topk]), topk));
     // the reference rounds where the CPU backend does: h1, h3, silu(h1) * h3 and each expert's output
     const ref = new Float64Array(T * Dm);

@@ -10,7 +10,7 @@ import { drift, goldenFloor, precisionOpChecks, quantizerChecks } from "./confor
 import { loadConfig } from "./executor.js";
 import { placeRanks } from "./devices.js";
 import { RankExecutor } from "./ranks.js";
-import { bf16Weight, type CheckDraft, type ConformanceCheck, f32Weight, fp8e4m3Decode, fp8Weight, Inputs, normErr, OP_TOL, OpSuite, refLinear, silu } from "./conformance-common.js";
+import { bf16Weight, type CheckDraft, type ConformanceCheck, f32Weight, fp8e4m3Decode, fp8Weight, GATE, Inputs, normErr, OP_TOL, OpSuite, refLinear, silu } from "./conformance-common.js";
 
 export { type ConformanceCheck, fp8e4m3Decode, normErr };
 
@@ -55,59 +55,11 @@ function opChecks(ctx: BackendContext, provider: BackendProvider, seed: number):
   ]);
 
   // routing: noaux_tc (sigmoid scores, the bias chooses, groups limit, weights renormalized and scaled)
-  const E = 16;
-  const G = 4;
-  const TG = 2;
-  const topk = 4;
-  const Dg = 32;
+  const { E, topk, Dg } = GATE;
   const xg = inp.vec(6 * Dg);
   const gw = inp.vec(E * Dg, 0.3);
   const bias = inp.vec(E, 0.2);
-  const gateRef = () => {
-    const wts: number[] = [];
-    const ids: number[] = [];
-    for (let t = 0; t < 6; t++) {
-      const sc = Array.from({ length: E }, (_, e) => {
-        let s = 0;
-        for (let i = 0; i < Dg; i++) s += xg[t * Dg + i]! * gw[e * Dg + i]!;
-        return 1 / (1 + Math.exp(-s));
-      });
-      const ch = sc.map((s, e) => s + bias[e]!);
-      const per = E / G;
-      const gs = Array.from({ length: G }, (_, g) =>
-        ch
-          .slice(g * per, (g + 1) * per)
-          .sort((x, y) => y - x)
-          .slice(0, 2)
-          .reduce((x, y) => x + y, 0),
-      );
-      const groups = [...gs.keys()].sort((x, y) => gs[y]! - gs[x]!).slice(0, TG);
-      const cand = [...ch.keys()].filter((e) => groups.includes(Math.floor(e / per))).sort((x, y) => ch[y]! - ch[x]!).slice(0, topk);
-      const sum = cand.reduce((x, e) => x + sc[e]!, 0);
-      cand.forEach((e) => (wts.push((sc[e]! / sum) * 2.5), ids.push(e)));
-    }
-    return { wts, ids };
-  };
-  const gateCfg = { topk, nGroups: G, topkGroups: TG, scoreFunc: "sigmoid" as const, normTopk: true, routeScale: 2.5 };
-  run("moeGate (sigmoid, correction bias, group limit)", "moeGate", () => {
-    const got = ctx.download(ctx.moeGate(up(xg, [6, Dg]), ctx.weight(f32Weight("gate", gw, E, Dg)), bias, gateCfg));
-    const r = gateRef();
-    // ids per token as sets (order of equal picks is free), weights matched to their ids
-    const gotW: number[] = [];
-    const refW: number[] = [];
-    let idErr = 0;
-    for (let t = 0; t < 6; t++) {
-      const g = Array.from({ length: topk }, (_, k) => ({ id: got[t * 2 * topk + topk + k]!, w: got[t * 2 * topk + k]! })).sort((x, y) => x.id - y.id);
-      const f = Array.from({ length: topk }, (_, k) => ({ id: r.ids[t * topk + k]!, w: r.wts[t * topk + k]! })).sort((x, y) => x.id - y.id);
-      g.forEach((x, k) => {
-        if (x.id !== f[k]!.id) idErr++;
-        gotW.push(x.w);
-        refW.push(f[k]!.w);
-      });
-    }
-    const worst = idErr ? Infinity : normErr(gotW, refW);
-    return { name: "moeGate (sigmoid, correction bias, group limit)", op: "moeGate", ok: worst <= OP_TOL, worst, tolerance: OP_TOL, ...(idErr && { detail: `${idErr} routed expert ids differ` }) };
-   }, OP_TOL);
+  s.moeGate("moeGate (sigmoid, correction bias, group limit)", xg, gw, bias);
   run("moeExperts (experts 4..11 of 16 on this rank)", "moeExperts", () => {
     const Dm = 64;
     const I = 48;
@@ -119,12 +71,7 @@ function opChecks(ctx: BackendContext, provider: BackendProvider, seed: number):
       first,
       ws.map((e, i) => ({ w1: ctx.weight(f32Weight(`e${i}.w1`, e.w1, I, Dm)), w2: ctx.weight(f32Weight(`e${i}.w2`, e.w2, Dm, I)), w3: ctx.weight(f32Weight(`e${i}.w3`, e.w3, I, Dm)) })),
     );
-    const routing = new Float32Array(T * 2 * topk);
-    for (let t = 0; t < T; t++) {
-      const picked = new Set<number>();
-      while (picked.size < topk) picked.add(inp.int(16));
-      [...picked].forEach((e, k) => ((routing[t * 2 * topk + k] = 0.1 + inp.u()), (routing[t * 2 * topk + topk + k] = e)));
-    }
+    const routing = s.routing(topk);
     const got = ctx.download(ctx.moeExperts(up(x, [T, Dm]), set, up(routing, [T, 2 * topk]), topk));
     const ref = new Float64Array(T * Dm);
     for (let t = 0; t < T; t++)
