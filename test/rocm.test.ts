@@ -2,21 +2,10 @@
 // `ds3 inspect` lists the rocm line with the backend's own reason, and `ds3 selftest --backend rocm`
 // prints that reason and exits 1 without running anything. The reason is the provider's
 // (@ds3/backend-rocm's available(), asked directly here), so the CLI neither hides nor rewrites it.
-import { execFile } from "node:child_process";
 import { join } from "node:path";
-import { fileURLToPath, pathToFileURL } from "node:url";
+import { pathToFileURL } from "node:url";
 import { describe, expect, it } from "vitest";
-
-const ROOT = fileURLToPath(new URL("..", import.meta.url));
-const BIN = join(ROOT, "packages/cli/dist/ds3.js");
-
-function ds3(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [BIN, ...args], { cwd: ROOT, encoding: "utf8", maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) =>
-      resolve({ code: err ? (typeof err.code === "number" ? err.code : 1) : 0, stdout, stderr }),
-    );
-  });
-}
+import { ds3, ROOT } from "./helpers/cli.js";
 
 interface Provider {
   name: string;

@@ -2,22 +2,10 @@
 // JSON with the precision of each check, exit status 0 only when every gating check passes, a wrong
 // backend failed by name, a precision the backend lacks "not supported" unless named. And the CLI's
 // rank placement flags (--devices, --share-devices).
-import { execFile } from "node:child_process";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
+import { ds3, ROOT } from "./helpers/cli.js";
 import { FIXTURES, loadGolden } from "./helpers/golden.js";
-
-const ROOT = fileURLToPath(new URL("..", import.meta.url));
-const BIN = join(ROOT, "packages/cli/dist/ds3.js");
-
-function ds3(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, [BIN, ...args], { cwd: ROOT, encoding: "utf8", maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) =>
-      resolve({ code: err ? (typeof err.code === "number" ? err.code : 1) : 0, stdout, stderr }),
-    );
-  });
-}
 
 interface Report {
   backend: string;
