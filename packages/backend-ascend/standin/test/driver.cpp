@@ -356,36 +356,17 @@ static void hccl() {
     HcclComm c;
     report("hccl_wrong_root_info", A.HcclCommInitRootInfo(2, &bad, 0, &c));
   }
-  // world size mismatch: rank 0 says 2, rank 1 says 3
-  {
-    HcclRootInfo ri;
-    A.HcclGetRootInfo(&ri);
-    std::vector<int> r2(2);
-    std::vector<std::string> m2(2);
-    auto join = [&](int r, uint32_t n) {
-      A.aclrtSetDevice(r);
-      HcclComm c;
-      r2[r] = A.HcclCommInitRootInfo(n, &ri, r, &c);
-      const char* m = A.aclGetRecentErrMsg();
-      m2[r] = m ? m : "";
-    };
-    std::thread a(join, 0, 2);
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    std::thread b(join, 1, 3);
-    a.join();
-    b.join();
-    J("hccl_world_mismatch").num("rc0", r2[0]).str("msg0", m2[0].c_str()).num("rc1", r2[1]).str("msg1", m2[1].c_str()).end();
-  }
-  // two ranks on one device
-  {
+  // ranks 0 and 1 (rank 1 50 ms later) join one communicator on devices dev[r], each saying world size n[r]:
+  // each one's return code and error message
+  auto joinPair = [&](const char* name, const int dev[2], const uint32_t n[2]) {
     HcclRootInfo ri;
     A.HcclGetRootInfo(&ri);
     std::vector<int> r2(2);
     std::vector<std::string> m2(2);
     auto join = [&](int r) {
-      A.aclrtSetDevice(0);
+      A.aclrtSetDevice(dev[r]);
       HcclComm c;
-      r2[r] = A.HcclCommInitRootInfo(2, &ri, r, &c);
+      r2[r] = A.HcclCommInitRootInfo(n[r], &ri, r, &c);
       const char* m = A.aclGetRecentErrMsg();
       m2[r] = m ? m : "";
     };
@@ -394,7 +375,17 @@ static void hccl() {
     std::thread b(join, 1);
     a.join();
     b.join();
-    J("hccl_same_device").num("rc0", r2[0]).str("msg0", m2[0].c_str()).num("rc1", r2[1]).str("msg1", m2[1].c_str()).end();
+    J(name).num("rc0", r2[0]).str("msg0", m2[0].c_str()).num("rc1", r2[1]).str("msg1", m2[1].c_str()).end();
+  };
+  {
+    const int dev[2] = {0, 1};
+    const uint32_t n[2] = {2, 3};
+    joinPair("hccl_world_mismatch", dev, n);  // world size mismatch: rank 0 says 2, rank 1 says 3
+  }
+  {
+    const int dev[2] = {0, 0};
+    const uint32_t n[2] = {2, 2};
+    joinPair("hccl_same_device", dev, n);  // two ranks on one device
   }
   // collective mismatch: rank 0 all-reduces 8 elements, rank 1 all-reduces 4
   {
