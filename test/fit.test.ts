@@ -82,7 +82,6 @@ describe("a plan that does not fit its device is refused at load", () => {
 
   it("two worker ranks on the one device (RankExecutor) add up: refused naming both ranks, before any worker starts", async () => {
     setMemory(need); // one rank's whole-model footprint: two ranks (replicated tensors twice, two caches) need more
-    const t0 = performance.now();
     const err = await DS3.load({ model: TINY, backend: tinyMemoryBackend, tp: 2, cacheBlocks: BLOCKS }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(FitError);
     const d = (err as FitError).devices;
@@ -90,7 +89,6 @@ describe("a plan that does not fit its device is refused at load", () => {
     expect(d[0]!.needBytes).toBeGreaterThan(need);
     expect(d[0]!.needBytes).toBeLessThan(2 * need);
     expect((err as Error).message).toMatch(/device 0 \(tinymem device\) holds ranks 0, 1: [\d.]+ [KM]iB of weights \+ [\d.]+ [KM]iB of latent cache = [\d.]+ [KM]iB, more than its/);
-    expect(performance.now() - t0).toBeLessThan(20_000); // (no weight was read: the refusal is from the headers)
   });
 
   it("across nodes each node checks its own ranks: node 1's device too small fails node 1's rank at node 0's load, both nodes exit naming it", async () => {

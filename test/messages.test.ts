@@ -12,6 +12,7 @@ import { DS3 } from "@ds3/core";
 import { type Ds3Server, createServer, renderToolChat } from "@ds3/server";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
+import { namedEvents, readStream } from "./helpers/sse.js";
 
 const KEY = "sk-messages";
 type Ev = Anthropic.MessageStreamEvent;
@@ -259,20 +260,13 @@ describe("/v1/messages on the built-in model", () => {
       headers: { "Content-Type": "application/json", "x-api-key": KEY },
       body: JSON.stringify({ model: model(), max_tokens: 4000, temperature: 1, stream: true, messages: [{ role: "user", content: "Talk." }] }),
     });
-    const reader = res.body!.getReader();
-    let text = "";
     let closing: Promise<void> | null = null;
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      text += new TextDecoder().decode(value);
-      if (!closing && text.includes("text_delta")) closing = other.close({ graceMs: 50 });
-    }
+    const text = await readStream(res, (t) => {
+      if (!closing && t.includes("text_delta")) closing = other.close({ graceMs: 50 });
+    });
     await closing;
-    const events = text
-      .split("\n\n")
-      .filter((b) => b.trim())
-      .map((b) => ({ name: /^event: (.*)$/m.exec(b)![1], data: JSON.parse(/^data: (.*)$/m.exec(b)![1]!) }));
+    expect(text.split("\n\n").filter((b) => b.trim() && !b.startsWith("event: "))).toEqual([]); // every block is named
+    const events = namedEvents(text);
     expect(events.every((e) => e.name === e.data.type)).toBe(true);
     expect(events[events.length - 1]).toEqual({ name: "error", data: { type: "error", error: { type: "overloaded_error", message: expect.stringMatching(/shut down/) } } });
     expect(events.some((e) => e.name === "message_stop" || e.name === "message_delta")).toBe(false);

@@ -384,7 +384,6 @@ describe("RankExecutor: parallel sizes and failures", () => {
       expect(maxAbsDiff(ok, p.logits)).toBeLessThan(1e-3);
       expect(ex.failed).toBeNull();
 
-      const t0 = Date.now();
       const err = await ex.step(seqStep(p.ids)).then(
         () => null,
         (e: Error & { rank?: number }) => e,
@@ -392,17 +391,14 @@ describe("RankExecutor: parallel sizes and failures", () => {
       expect(err).toBeInstanceOf(Error);
       expect(err!.message).toMatch(c.cause);
       expect(err!.rank).toBe(c.rank);
-      expect(Date.now() - t0).toBeLessThan(c.kind === "hang" ? 10_000 : 5_000);
       expect(ex.failed).toBe(err);
 
       // broken: further steps (and MTP steps) reject with the very same error object (no new work is sent)
       await expect(ex.step(seqStep(p.ids))).rejects.toBe(err);
       await expect(ex.mtp({ ...seqStep(p.ids.slice(1)), rows: range(6), nextIds: Int32Array.from(p.ids.slice(1)) })).rejects.toBe(err);
 
-      const t2 = Date.now();
       await ex.close();
       await ex.close(); // idempotent
-      expect(Date.now() - t2).toBeLessThan(5_000);
       await expect(ex.step(seqStep(p.ids))).rejects.toThrow(/closed/);
     }, 30_000);
 
@@ -489,10 +485,8 @@ describe("SharedCollective", () => {
     await new Promise<void>((resolve) => r0.worker.on("message", (m) => m.started && resolve()));
     await new Promise((r) => setTimeout(r, 100));
     expect(SharedCollective.waiting(bufs)).toEqual([0]);
-    const t0 = Date.now();
     SharedCollective.abort(bufs);
     const msgs = await r0.messages;
-    expect(Date.now() - t0).toBeLessThan(2_000);
     expect(msgs).toContainEqual({ error: "rank 0: allReduceSum aborted (the driver gave up on the step)", name: "CollectiveAbortedError" });
     expect(msgs.some((m) => m.done)).toBe(false);
   });

@@ -14,6 +14,7 @@ import { zodTextFormat } from "openai/helpers/zod";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
 import { RecentItems } from "../packages/server/src/routes/responses-request.js";
+import { namedEvents, readStream } from "./helpers/sse.js";
 
 const KEY = "sk-responses";
 type Ev = { type: string; sequence_number: number; [k: string]: any };
@@ -394,20 +395,13 @@ describe("/v1/responses on the built-in model", () => {
       headers: { "Content-Type": "application/json", Authorization: `Bearer ${KEY}` },
       body: JSON.stringify({ model: model(), input: "Talk.", max_output_tokens: 4000, temperature: 1, stream: true }),
     });
-    const reader = res.body!.getReader();
-    let text = "";
     let closing: Promise<void> | null = null;
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      text += new TextDecoder().decode(value);
-      if (!closing && text.includes("response.output_text.delta")) closing = other.close({ graceMs: 50 });
-    }
+    const text = await readStream(res, (t) => {
+      if (!closing && t.includes("response.output_text.delta")) closing = other.close({ graceMs: 50 });
+    });
     await closing;
-    const events = text
-      .split("\n\n")
-      .filter((b) => b.trim())
-      .map((b) => ({ name: /^event: (.*)$/m.exec(b)![1], data: JSON.parse(/^data: (.*)$/m.exec(b)![1]!) }));
+    expect(text.split("\n\n").filter((b) => b.trim() && !b.startsWith("event: "))).toEqual([]); // every block is named
+    const events = namedEvents(text);
     expect(events.every((e) => e.name === e.data.type)).toBe(true);
     expect(events.map((e) => e.data.sequence_number)).toEqual(events.map((_, i) => i));
     expect(events.slice(-2).map((e) => e.name)).toEqual(["error", "response.failed"]);
